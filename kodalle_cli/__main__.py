@@ -1,0 +1,3 @@
+from kodalle_cli.cli import main
+
+main()

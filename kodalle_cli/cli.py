@@ -1,0 +1,331 @@
+"""The ``kodalle`` command line: a thin Typer layer over the library.
+
+Each subcommand parses its options, builds a plain config object and calls one library
+function that can be used (and is tested) without Typer. User errors are
+:class:`~kodalle_cli.errors.KodalleError`: one red line, exit 1 (2 for usage), and the
+traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kodalle_cli import __version__
+from kodalle_cli.errors import KodalleError, UsageError
+
+try:  # typer >= 0.20 ships its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="kodalle",
+    help="Train and sample DALL-E-1 style text-to-image models whose text encoder is a "
+    "pretrained language model's embeddings.\n\n"
+    "Example: kodalle prepare ./kfashion && kodalle train --backbone klue-roberta-large",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+train_app = typer.Typer(
+    help="Train the DALLE transformer (default), or a helper model: `train vqgan`, "
+    "`train reranker`.\n\nExample: kodalle train --backbone klue-roberta-large --data shards",
+    invoke_without_command=True,
+)
+app.add_typer(train_app, name="train")
+
+
+def not_built(command: str) -> None:
+    raise KodalleError(f"`kodalle {command}` is not built yet")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"kodalle {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """kodalle: text-to-image training on small domain data sets, in any language."""
+
+
+# ---- data ------------------------------------------------------------------------------------
+@app.command()
+def prepare(
+    source: Path = typer.Argument(..., help="Directory (or manifest file) of images and labels."),
+    out: Path = typer.Option(Path("shards"), "--out", "-o", help="Output directory for shards."),
+    format: str = typer.Option("auto", help="auto|kfashion|folder|jsonl|csv"),
+    caption_style: str = typer.Option("per-part", help="per-part|per-attribute|compact"),
+    include_style: bool = typer.Option(False, help="Add the style (스타일) sentence."),
+    caption_pick: str = typer.Option("all", help="folder format: first|all caption lines."),
+    crop: str = typer.Option("none", help="none|garments (crop to the labelled rectangles)."),
+    crop_margin: float = typer.Option(0.05, help="Margin around the garment crop."),
+    image_size: int = typer.Option(256, help="Output side in pixels."),
+    resize: str = typer.Option("pad", help="pad|center-crop|stretch"),
+    val_fraction: float = typer.Option(0.0, help="Share of samples for val shards."),
+    shard_size: int = typer.Option(10000, help="Samples per shard."),
+    workers: int = typer.Option(0, help="Worker processes (0: all cores)."),
+    strict: bool = typer.Option(False, help="Stop at the first bad sample."),
+) -> None:
+    """Turn images and labels into WebDataset shards (jpg, txt caption, json metadata).
+
+    Example: kodalle prepare ./kfashion --val-fraction 0.05 --crop garments
+    """
+    not_built("prepare")
+
+
+@app.command()
+def tokenize(
+    shards: Path = typer.Argument(Path("shards"), help="Image shards from `kodalle prepare`."),
+    vqgan: str = typer.Option(..., help="VQGAN checkpoint path or preset name."),
+    vqgan_config: Path | None = typer.Option(None, help="taming .yaml for a .ckpt."),
+    backbone: str = typer.Option(..., help="Backbone name (see `kodalle backbones`)."),
+    backbone_path: Path | None = typer.Option(None, help="Local copy of the backbone."),
+    text_seq_len: int = typer.Option(128, help="Text tokens per caption (padded/truncated)."),
+    out: Path | None = typer.Option(None, help="Output directory (default SHARDS/tokens)."),
+    batch_size: int = typer.Option(32, help="Images per VQGAN batch."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+) -> None:
+    """Encode captions with the backbone's tokenizer and images with a VQGAN into token shards.
+
+    Example: kodalle tokenize shards --vqgan runs/vqgan --backbone klue-roberta-large
+    """
+    not_built("tokenize")
+
+
+# ---- training --------------------------------------------------------------------------------
+@train_app.callback()
+def train(
+    ctx: typer.Context,
+    backbone: str | None = typer.Option(None, help="Backbone name, directory or hub id."),
+    backbone_path: Path | None = typer.Option(None, help="Local copy of the backbone."),
+    data: Path = typer.Option(Path("shards"), help="Token shards, or image shards + --vqgan."),
+    out: Path | None = typer.Option(None, help="Run directory (default runs/BACKBONE)."),
+    vqgan: str | None = typer.Option(None, help="VQGAN for image shards not tokenized yet."),
+    dim: int | None = typer.Option(None, help="Model dim (default: the backbone's)."),
+    depth: int = typer.Option(16),
+    heads: int = typer.Option(8),
+    dim_head: int = typer.Option(64),
+    text_seq_len: int = typer.Option(128),
+    freeze_text_emb: bool = typer.Option(False, help="Keep the backbone tables fixed."),
+    loss_img_weight: float = typer.Option(7.0),
+    text_loss_on_padding: bool = typer.Option(False, help="Count padding in the text loss."),
+    cond_drop: float = typer.Option(0.0, help="Share of captions dropped (for guidance)."),
+    lr: float = typer.Option(3e-5),
+    weight_decay: float = typer.Option(3e-3),
+    schedule: str = typer.Option("cosine", help="cosine|constant (after warm-up)."),
+    warmup_steps: int = typer.Option(100),
+    batch_size: int = typer.Option(40),
+    grad_accum: int = typer.Option(1),
+    grad_clip: float = typer.Option(0.5),
+    precision: str = typer.Option("auto", help="auto|bf16|fp16|fp32"),
+    grad_checkpointing: bool = typer.Option(False),
+    compile: bool = typer.Option(False),
+    max_steps: int | None = typer.Option(None),
+    epochs: int | None = typer.Option(None),
+    seed: int = typer.Option(0),
+    save_every: int = typer.Option(1000),
+    keep_last: int = typer.Option(3),
+    eval_every: int = typer.Option(500),
+    sample_every: int = typer.Option(1000),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
+    max_bad_steps: int = typer.Option(10),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+) -> None:
+    """Train the DALLE transformer on token shards.
+
+    Example: kodalle train --backbone klue-roberta-large --data shards --max-steps 100000
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if backbone is None:
+        raise UsageError("kodalle train needs --backbone NAME (see `kodalle backbones`)")
+    not_built("train")
+
+
+@train_app.command("vqgan")
+def train_vqgan(
+    data: Path = typer.Option(Path("shards"), help="Image shards from `kodalle prepare`."),
+    out: Path = typer.Option(Path("runs/vqgan"), help="Run directory."),
+    ch: int = typer.Option(128),
+    ch_mult: str = typer.Option("1,1,2,2,4"),
+    n_embed: int = typer.Option(16384),
+    embed_dim: int = typer.Option(256),
+    resolution: int = typer.Option(256),
+    lpips_weights: Path | None = typer.Option(None, help="LPIPS weights (else no perceptual loss)."),
+    disc_start: int | None = typer.Option(None, help="Step at which the discriminator starts."),
+    lr: float = typer.Option(4.5e-6),
+    batch_size: int = typer.Option(8),
+    max_steps: int = typer.Option(10000),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Train a VQGAN image tokenizer (taming-compatible checkpoint).
+
+    Example: kodalle train vqgan --data shards --out runs/vqgan --resolution 256
+    """
+    not_built("train vqgan")
+
+
+@train_app.command("reranker")
+def train_reranker(
+    backbone: str = typer.Option(..., help="Backbone for the text tower."),
+    backbone_path: Path | None = typer.Option(None),
+    data: Path = typer.Option(Path("shards")),
+    out: Path = typer.Option(Path("runs/reranker")),
+    max_steps: int = typer.Option(1000),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-4),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Train the CLIP-style reranker (EfficientNet-B0 + the backbone's language model).
+
+    Example: kodalle train reranker --backbone klue-roberta-large --data shards
+    """
+    not_built("train reranker")
+
+
+# ---- generation and evaluation ---------------------------------------------------------------
+@app.command()
+def sample(
+    captions: list[str] = typer.Argument(None, help="One or more captions."),
+    n: int = typer.Option(16, "-n", "--num-images", help="Images per caption."),
+    checkpoint: Path | None = typer.Option(None, help="Run dir, checkpoint dir or KoDALLE .pt."),
+    out: Path = typer.Option(Path("samples")),
+    batch_size: int = typer.Option(16),
+    top_k: float = typer.Option(0.9, help="Count (>=1) or fraction kept, like filter_thres."),
+    top_p: float | None = typer.Option(None),
+    temperature: float = typer.Option(1.0),
+    cond_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
+    seed: int | None = typer.Option(None),
+    captions_file: Path | None = typer.Option(None, help="One caption per line."),
+    rerank: Path | None = typer.Option(None, help="Reranker run directory."),
+    keep: int | None = typer.Option(None, help="With --rerank: keep the best K."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+) -> None:
+    """Generate images for captions.
+
+    Example: kodalle sample "하의에서 색상은 블루이다. 카테고리는 스커트이다." -n 16
+    """
+    not_built("sample")
+
+
+@app.command()
+def rerank(
+    images: list[Path] = typer.Argument(..., help="Images to rank."),
+    caption: str = typer.Option(..., help="The caption to rank against."),
+    reranker: Path = typer.Option(Path("runs/reranker"), help="Reranker run directory."),
+    top: int | None = typer.Option(None, help="Show only the best N."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Rank images by their similarity to a caption.
+
+    Example: kodalle rerank samples/*/*.png --caption "상의에서 색상은 레드이다." --top 4
+    """
+    not_built("rerank")
+
+
+@app.command()
+def score(
+    checkpoint: Path | None = typer.Option(None, help="Run to generate images with."),
+    data: Path = typer.Option(Path("shards"), help="Shards with the validation split."),
+    images: Path | None = typer.Option(None, help="Score these images instead of generating."),
+    num_samples: int = typer.Option(1000),
+    inception_weights: Path | None = typer.Option(None),
+    reranker: Path | None = typer.Option(None, help="Reranker for CLIP-score, R-precision."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """FID, KID, IS, CLIP-score and R-precision of generated images.
+
+    Example: kodalle score --checkpoint runs/klue-roberta-large --reranker runs/reranker
+    """
+    not_built("score")
+
+
+# ---- plugins and demo ------------------------------------------------------------------------
+@app.command()
+def backbones(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List every registered backbone (sizes from locally available configs).
+
+    Example: kodalle backbones --json
+    """
+    from kodalle_cli.backbone import registered_backbones
+
+    rows = [b.describe() for b in registered_backbones().values()]
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table("name", "language", "source", "vocab", "dim", "positions", "plugin")
+    for r in rows:
+        positions = r["positions"]
+        shown = "?" if positions is None else ("none" if positions == 0 else str(positions))
+        table.add_row(
+            r["name"], r["language"], r["source"],
+            *("?" if r[k] is None else str(r[k]) for k in ("vocab", "dim")),
+            shown, r["plugin"],
+        )
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Output directory."),
+    quick: bool = typer.Option(False, help="A ~2 minute version (used by the tests)."),
+) -> None:
+    """Run the whole pipeline on built-in synthetic K-Fashion data and write a report.
+
+    Example: kodalle demo --out demo
+    """
+    not_built("demo")
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app, turning errors into one red line."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("KODALLE_DEBUG") == "1"
+    try:
+        app(args=args, prog_name="kodalle", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("Aborted.", style="red")
+        sys.exit(130)
+    except click_exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exceptions.ClickException as exc:  # usage errors: bad option, missing argument
+        if debug:
+            raise
+        hint = f" (try `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) else ""
+        err_console.print(
+            f"Error: {exc.format_message()}{hint}", style="red", markup=False, highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(exc.exit_code)
+    except KodalleError as exc:
+        if debug:
+            raise
+        err_console.print(f"Error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("Interrupted.", style="red")
+        sys.exit(130)
