@@ -297,18 +297,14 @@ def hub_offline() -> bool:
 def _hub_file(backbone: Backbone, filename: str, required: bool) -> Path | None:
     """Download (or find in the HF cache) one file; offline misses are one clear error."""
     from huggingface_hub import hf_hub_download
+
+    # LocalEntryNotFoundError (not cached, offline) subclasses EntryNotFoundError: catch it first
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return Path(
             hf_hub_download(backbone.source, filename, revision=backbone.revision)
         )
-    except EntryNotFoundError:
-        if required:
-            raise KodalleError(
-                f"backbone {backbone.name}: {backbone.location} has no {filename}"
-            ) from None
-        return None
     except LocalEntryNotFoundError:
         if not required and backbone.cached("config.json") is not None:
             return None  # cached model without this optional file
@@ -316,10 +312,16 @@ def _hub_file(backbone: Backbone, filename: str, required: bool) -> Path | None:
         raise KodalleError(
             f"backbone {backbone.name}: {filename} of {backbone.location} is not in the "
             f"Hugging Face cache and {reason}; download it where the hub is reachable "
-            f"(huggingface-cli download {backbone.source}"
+            f"(hf download {backbone.source}"
             + (f" --revision {backbone.revision}" if backbone.revision else "")
             + ") or pass --backbone-path DIR"
         ) from None
+    except EntryNotFoundError:
+        if required:
+            raise KodalleError(
+                f"backbone {backbone.name}: {backbone.location} has no {filename}"
+            ) from None
+        return None
     except Exception as exc:  # network errors, gated repos, bad ids: one line, no retry loop
         raise KodalleError(
             f"backbone {backbone.name}: cannot fetch {filename} of {backbone.location}: "

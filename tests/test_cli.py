@@ -1,0 +1,71 @@
+"""The command line: help with examples, versions, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from kodalle_cli import __version__
+from kodalle_cli.cli import main
+from kodalle_cli.errors import KodalleError
+
+COMMANDS = ["prepare", "tokenize", "train", "train vqgan", "train reranker", "sample",
+            "rerank", "score", "backbones", "demo"]
+
+
+def run(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def test_version(capsys):
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"kodalle {__version__}"
+
+
+def test_help_lists_every_subcommand(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for name in ("prepare", "tokenize", "train", "sample", "rerank", "score", "backbones", "demo"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_subcommand_help_shows_an_example(command, capsys):
+    code, out, _ = run([*command.split(), "--help"], capsys)
+    assert code == 0 and "Example: kodalle" in out
+
+
+def test_usage_error_is_one_red_line_with_exit_2(capsys):
+    code, out, err = run(["train", "--no-such-option"], capsys)
+    assert code == 2
+    assert err.strip().startswith("Error: No such option") and "Traceback" not in err
+
+
+def test_missing_backbone_is_a_usage_error(capsys):
+    code, _, err = run(["train"], capsys)
+    assert code == 2 and "--backbone" in err and len(err.strip().splitlines()) == 1
+
+
+def test_failure_is_one_line_exit_1_and_traceback_only_with_debug(capsys, monkeypatch):
+    def broken():
+        raise KodalleError("the registry is broken")
+
+    monkeypatch.setattr("kodalle_cli.backbone.registered_backbones", broken)
+    code, _, err = run(["backbones"], capsys)
+    assert code == 1 and err.strip() == "Error: the registry is broken"
+    with pytest.raises(KodalleError):
+        main(["--debug", "backbones"])
+
+
+def test_console_script_and_module_entry_points():
+    out = subprocess.run(
+        [sys.executable, "-m", "kodalle_cli", "--version"], capture_output=True, text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == f"kodalle {__version__}"
