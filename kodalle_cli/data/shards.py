@@ -1,0 +1,201 @@
+"""Image shards: the WebDataset tar files ``kodalle prepare`` writes and every later stage reads.
+
+Layout of a shard directory (img2dataset-compatible)::
+
+    shards/train-000000.tar          KEY.jpg (RGB JPEG), KEY.txt (caption, UTF-8), KEY.json (meta)
+    shards/train-000000_stats.json   per-shard counts and every skipped input with its reason
+    shards/val-000000.tar ...        with --val-fraction
+    shards/manifest.json             the run: options, samples, skipped, shards
+
+Writing (:class:`ShardWriter`): members go to a hidden temporary file; :meth:`commit` renames
+the tar and then its stats file into place, so a shard exists only when complete, and a
+``*_stats.json`` beside a tar marks it as finished (what resume looks for). Tar members have
+fixed mtime/uid/gid/mode and a fixed order, so the same samples give byte-identical shards.
+
+Reading (:func:`iter_image_samples`)::
+
+    from kodalle_cli.data.shards import iter_image_samples
+    for s in iter_image_samples("shards", split="train"):
+        s.key, s.image (PIL RGB), s.caption (str), s.meta (dict)
+
+``source`` is a shard directory, a glob (``shards/train-*.tar``), one tar, or a list of tars.
+Inside a torch DataLoader with several workers (or under torch.distributed) each worker
+reads its own share of the shards (webdataset's worker/node info), so wrapping the iterator
+in an ``IterableDataset`` needs no extra code.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kodalle_cli.errors import KodalleError
+
+SPLITS = ("train", "val")
+SHARD_PATTERN = "{split}-{index:06d}.tar"
+
+
+def shard_name(split: str, index: int) -> str:
+    return SHARD_PATTERN.format(split=split, index=index)
+
+
+def stats_path(tar: Path) -> Path:
+    return tar.with_name(tar.name[: -len(".tar")] + "_stats.json")
+
+
+def is_complete(tar: Path) -> bool:
+    """A shard is complete when its tar and its stats file (renamed last) both exist."""
+    return tar.is_file() and stats_path(tar).is_file()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name; :meth:`commit` makes it appear atomically."""
+
+    def __init__(self, path: Path):
+        from webdataset import TarWriter
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        # fixed mtime, owner and mode: the same samples give byte-identical tar files
+        self._tar = TarWriter(
+            str(self.tmp), user="kodalle", group="kodalle", mode=0o644, mtime=0,
+            encoder=False, format="PAX_FORMAT",
+        )
+        self.count = 0
+
+    def write(self, key: str, jpg: bytes, caption: str, meta: dict) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"shard keys may not contain dots or slashes: {key!r}")
+        self._tar.write({
+            "__key__": key,
+            "jpg": jpg,
+            "txt": caption.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+        })
+        self.count += 1
+
+    def commit(self, stats: dict) -> None:
+        self._tar.close()
+        os.replace(self.tmp, self.path)
+        write_json_atomic(stats_path(self.path), stats)
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Drop temporary files left by a killed run (their shards are rebuilt)."""
+    for p in out.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+@dataclass
+class ImageSample:
+    key: str
+    image: object  # PIL.Image.Image (RGB) or the JPEG bytes with decode=False
+    caption: str
+    meta: dict = field(default_factory=dict)
+    shard: str = ""
+
+
+def shard_paths(source: str | Path | Sequence[str | Path], split: str = "train") -> list[Path]:
+    """The shards of ``split`` in ``source`` (directory, glob, tar file or list), sorted.
+
+    Raises KodalleError when there are none."""
+    if isinstance(source, list | tuple):
+        paths = [Path(p) for p in source]
+    else:
+        text = str(source)
+        p = Path(text)
+        if p.is_dir():
+            paths = sorted(p.glob(f"{split}-*.tar"))
+        elif any(ch in text for ch in "*?["):
+            paths = [Path(x) for x in sorted(glob.glob(text))]
+        else:
+            paths = [p] if p.is_file() else []
+    paths = [p for p in paths if p.suffix == ".tar" and not p.name.startswith(".")]
+    if not paths:
+        where = f"{source}" if not isinstance(source, list | tuple) else "the given list"
+        hint = " (run `kodalle prepare` first)" if split in SPLITS else ""
+        raise KodalleError(f"no {split} shards in {where}{hint}")
+    return paths
+
+
+def iter_image_samples(
+    source: str | Path | Sequence[str | Path],
+    split: str = "train",
+    *,
+    decode: bool = True,
+    shuffle_shards: bool = False,
+    seed: int = 0,
+    repeat: bool = False,
+    split_by_worker: bool = True,
+    limit: int | None = None,
+) -> Iterator[ImageSample]:
+    """Yield the samples of image shards: key, PIL RGB image, caption and metadata.
+
+    - ``decode=False`` yields the JPEG bytes instead of a PIL image (for a caller that
+      decodes in its own workers or just copies them).
+    - ``shuffle_shards``: visit shards in a random order drawn from ``seed`` (a new order
+      for every pass when ``repeat``); samples inside a shard keep their order.
+    - ``repeat``: loop forever (training); otherwise one pass.
+    - ``split_by_worker``: inside a torch DataLoader worker or a torch.distributed process,
+      read only this worker's share of the shards (shard ``i`` goes to worker
+      ``i % total``); with fewer shards than workers some workers read nothing.
+    - ``limit``: stop after this many samples (per worker).
+
+    For a fixed-size float batch, pass the images to
+    :func:`kodalle_cli.data.images.to_tensor`.
+    """
+    from PIL import Image
+    from webdataset.tariterators import tarfile_samples
+    from webdataset.utils import pytorch_worker_info
+
+    paths = [str(p) for p in shard_paths(source, split)]
+    if split_by_worker:
+        rank, world, worker, workers = pytorch_worker_info()
+        total, index = world * workers, rank * workers + worker
+        paths = paths[index::total]
+    rng = random.Random(seed)
+    emitted = 0
+    while True:
+        order = list(paths)
+        if shuffle_shards:
+            rng.shuffle(order)
+        for sample in tarfile_samples([{"url": p} for p in order]):
+            if "jpg" not in sample:
+                continue
+            if decode:
+                import io
+
+                with Image.open(io.BytesIO(sample["jpg"])) as im:
+                    image = im.convert("RGB")
+            else:
+                image = sample["jpg"]
+            yield ImageSample(
+                key=sample["__key__"],
+                image=image,
+                caption=sample.get("txt", b"").decode("utf-8"),
+                meta=json.loads(sample["json"]) if "json" in sample else {},
+                shard=sample["__url__"],
+            )
+            emitted += 1
+            if limit is not None and emitted >= limit:
+                return
+        if not repeat or not paths:
+            return
