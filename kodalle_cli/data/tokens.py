@@ -1,0 +1,356 @@
+"""Token shards: captions as text ids and images as VQGAN codes, ready for training.
+
+Layout (DESIGN.md)::
+
+    shards/tokens/train-000000.tar ...   KEY.ids.npy   int32 [text_seq_len], padded with pad_id
+                                         KEY.codes.npy int16 [fmap*fmap] (int32 for codebooks
+                                                       larger than 32767)
+                                         KEY.txt       the caption, UTF-8
+    shards/tokens/val-000000.tar ...
+    shards/tokens/manifest.json          tokenizer hash, VQGAN identity, text_seq_len,
+                                         pad_id, image grid, and every shard with its count
+
+Writing: :class:`TokenShardsWriter` (each shard is written under a temporary name and
+renamed when complete; the manifest is written last, so a killed run leaves no shard or
+manifest that looks complete). Reading: :class:`TokenBatches`, an ``IterableDataset`` that
+yields whole batches, split by distributed rank and data-loader worker, shuffled from a seed,
+and resumable at any batch: the position is just the number of batches consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kodalle_cli.errors import KodalleError
+
+MANIFEST = "manifest.json"
+FORMAT = "kodalle-tokens"
+SPLITS = ("train", "val")
+
+
+# ---- identity --------------------------------------------------------------------------------
+def files_hash(path: str | Path) -> str:
+    """sha256 over a file, or over every file of a directory (relative names and contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise KodalleError(f"nothing to hash at {path}")
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def codes_dtype(num_image_tokens: int) -> np.dtype:
+    """int16 when every code fits, else int32."""
+    return np.dtype(np.int16) if num_image_tokens <= np.iinfo(np.int16).max + 1 else np.dtype(
+        np.int32
+    )
+
+
+def pad_ids(ids, text_seq_len: int, pad_id: int) -> np.ndarray:
+    """Truncate or right-pad a list of token ids to ``text_seq_len`` (int32)."""
+    ids = list(ids)[:text_seq_len]
+    return np.asarray(ids + [pad_id] * (text_seq_len - len(ids)), dtype=np.int32)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+class TokenShardsWriter:
+    """Write ``{train,val}-%06d.tar`` token shards and, on close, ``manifest.json``.
+
+    Example::
+
+        with TokenShardsWriter("shards/tokens", text_seq_len=128, num_image_tokens=16384,
+                               image_fmap_size=16, pad_id=1, tokenizer_hash=h,
+                               vqgan={"name": "imagenet-f16-16384", "hash": v}) as w:
+            w.write("train", key, ids, codes, caption)
+
+    ``ids`` must already be padded to ``text_seq_len`` (see :func:`pad_ids`); ``codes`` are
+    the flattened fmap*fmap VQGAN indices. ``extra`` is stored in the manifest as is.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        text_seq_len: int,
+        num_image_tokens: int,
+        image_fmap_size: int,
+        pad_id: int,
+        tokenizer_hash: str,
+        vqgan: dict,
+        shard_size: int = 10000,
+        extra: dict | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.text_seq_len = text_seq_len
+        self.num_image_tokens = num_image_tokens
+        self.image_fmap_size = image_fmap_size
+        self.pad_id = pad_id
+        self.tokenizer_hash = tokenizer_hash
+        self.vqgan = dict(vqgan)
+        self.shard_size = shard_size
+        self.extra = extra or {}
+        self.codes_dtype = codes_dtype(num_image_tokens)
+        self.shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        self._open: dict[str, tuple] = {}  # split -> (TarWriter, tmp path, final path, count)
+
+    def write(self, split: str, key: str, ids, codes, caption: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if "." in key:
+            raise ValueError(f"shard keys contain no dots: {key!r}")
+        ids = np.asarray(ids)
+        if ids.shape != (self.text_seq_len,):
+            raise ValueError(f"ids of {key} have shape {ids.shape}, want ({self.text_seq_len},)")
+        codes = np.asarray(codes).reshape(-1)
+        if codes.shape[0] != self.image_fmap_size**2:
+            raise ValueError(f"codes of {key}: {codes.shape[0]} != {self.image_fmap_size}^2")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.num_image_tokens):
+            raise ValueError(f"codes of {key} out of range [0, {self.num_image_tokens})")
+        writer = self._writer(split)
+        writer[0].write({
+            "__key__": key,
+            "ids.npy": _npy_bytes(ids.astype(np.int32)),
+            "codes.npy": _npy_bytes(codes.astype(self.codes_dtype)),
+            "txt": caption.encode("utf-8"),
+        })
+        self._open[split] = (*writer[:3], writer[3] + 1)
+        if writer[3] + 1 >= self.shard_size:
+            self._finish(split)
+
+    def _writer(self, split: str):
+        if split not in self._open:
+            import webdataset as wds
+
+            final = self.out_dir / f"{split}-{len(self.shards[split]):06d}.tar"
+            tmp = final.with_name(final.name + ".tmp")
+            self._open[split] = (wds.TarWriter(str(tmp), encoder=False, mtime=0.0), tmp, final, 0)
+        return self._open[split]
+
+    def _finish(self, split: str) -> None:
+        writer, tmp, final, count = self._open.pop(split)
+        writer.close()
+        os.replace(tmp, final)
+        self.shards[split].append({"name": final.name, "count": count})
+
+    def close(self) -> dict:
+        for split in list(self._open):
+            self._finish(split)
+        manifest = {
+            "format": FORMAT,
+            "version": 1,
+            "text_seq_len": self.text_seq_len,
+            "pad_id": self.pad_id,
+            "num_image_tokens": self.num_image_tokens,
+            "image_fmap_size": self.image_fmap_size,
+            "codes_dtype": self.codes_dtype.name,
+            "tokenizer_hash": self.tokenizer_hash,
+            "vqgan": self.vqgan,
+            "splits": {
+                s: {"count": sum(x["count"] for x in v), "shards": v}
+                for s, v in self.shards.items()
+            },
+            **self.extra,
+        }
+        tmp = self.out_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2))
+        os.replace(tmp, self.out_dir / MANIFEST)
+        return manifest
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:  # leave nothing that looks complete
+            for writer, tmp, _final, _count in self._open.values():
+                writer.close()
+                tmp.unlink(missing_ok=True)
+            self._open.clear()
+
+
+# ---- reading ---------------------------------------------------------------------------------
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of a token-shard directory (one clear error when it is not one)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise KodalleError(
+            f"{root} has no {MANIFEST}: not a token-shard directory "
+            "(run `kodalle tokenize` on image shards first, or pass --vqgan)"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise KodalleError(f"{path} is not a kodalle token manifest")
+    return manifest
+
+
+def read_shard(path: str | Path) -> list[dict]:
+    """Every sample of one token shard: {"key", "ids" int64 [T], "codes" int64 [N], "txt"}."""
+    from webdataset.tariterators import tarfile_samples
+
+    samples = []
+    for raw in tarfile_samples([{"url": str(path)}]):
+        samples.append({
+            "key": raw["__key__"],
+            "ids": _npy_load(raw["ids.npy"]).astype(np.int64),
+            "codes": _npy_load(raw["codes.npy"]).astype(np.int64),
+            "txt": raw["txt"].decode("utf-8") if "txt" in raw else "",
+        })
+    return samples
+
+
+@dataclass
+class _Shard:
+    path: Path
+    count: int
+
+
+class TokenBatches(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of batches for one rank: ``{"ids": [B,T], "codes": [B,N]}``.
+
+    The global sample order depends only on ``seed``: epoch ``e`` visits the shards in a
+    permutation drawn from ``(seed, e)`` and each shard's samples in a permutation drawn from
+    ``(seed, e, shard)``. The stream is split between ``S = world_size * num_workers`` slots
+    (one per rank and data-loader worker): by whole shards when there are at least S of them,
+    else by sample index (slot ``i`` keeps samples ``i, i+S, ...``). Each slot yields whole
+    batches and the ``DataLoader`` (``batch_size=None``) takes them round-robin, so the
+    position of a rank is only ``start_batch``, the number of batches it has consumed:
+    resuming skips exactly those, cheaply (whole epochs and shards by count).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        self.root = Path(root)
+        self.manifest = read_manifest(root)
+        info = self.manifest["splits"].get(split, {"shards": []})
+        self.shards = [_Shard(self.root / s["name"], int(s["count"])) for s in info["shards"]]
+        self.shards = [s for s in self.shards if s.count > 0]
+        if not self.shards:
+            raise KodalleError(f"{root}: no {split} samples")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:  # samples per epoch, all ranks together
+        return sum(s.count for s in self.shards)
+
+    # -- the order -------------------------------------------------------------------------
+    def _shard_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
+
+    def _sample_order(self, epoch: int, shard: int) -> np.ndarray:
+        n = self.shards[shard].count
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, shard]).permutation(n)
+
+    def _plan(self, epoch: int, slot: int, slots: int) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions within the shuffled shard) that this slot reads in ``epoch``."""
+        order = self._shard_order(epoch)
+        if len(self.shards) >= slots:
+            return [(s, np.arange(self.shards[s].count)) for s in order[slot::slots]]
+        plan, start = [], 0
+        for s in order:
+            n = self.shards[s].count
+            first = (slot - start) % slots  # first local index i with (start + i) % slots == slot
+            plan.append((s, np.arange(first, n, slots)))
+            start += n
+        return plan
+
+    def _samples(self, slot: int, slots: int, skip: int):
+        epoch = 0
+        while True:
+            plan = self._plan(epoch, slot, slots)
+            length = sum(len(p) for _, p in plan)
+            if length == 0:
+                raise KodalleError(
+                    f"{self.root}: too few samples for {slots} ranks x data-loader workers"
+                )
+            if skip >= length:
+                skip -= length
+                epoch += 1
+                continue
+            for shard, positions in plan:
+                if skip >= len(positions):
+                    skip -= len(positions)
+                    continue
+                samples = read_shard(self.shards[shard].path)
+                if len(samples) != self.shards[shard].count:
+                    raise KodalleError(
+                        f"{self.shards[shard].path} has {len(samples)} samples, the manifest "
+                        f"says {self.shards[shard].count}"
+                    )
+                order = self._sample_order(epoch, shard)
+                for i in positions[skip:]:
+                    yield samples[order[i]]
+                skip = 0
+            epoch += 1
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        # The DataLoader takes batch j of this iteration from worker j % workers, so batch
+        # i = start_batch + j of the rank comes from stream i % workers: worker w plays
+        # stream (w + start_batch) % workers, which has already given `done` batches.
+        stream_id = (worker + self.start_batch) % workers
+        slots, slot = self.world_size * workers, self.rank * workers + stream_id
+        done = (self.start_batch - stream_id + workers - 1) // workers
+        stream = self._samples(slot, slots, done * self.batch_size)
+        while True:
+            batch = [next(stream) for _ in range(self.batch_size)]
+            yield {
+                "ids": torch.from_numpy(np.stack([s["ids"] for s in batch])),
+                "codes": torch.from_numpy(np.stack([s["codes"] for s in batch])),
+            }
+
+
+def iter_split(root: str | Path, split: str = "val", limit: int | None = None):
+    """The samples of a split in file order (for validation and fixed sample captions)."""
+    manifest = read_manifest(root)
+    n = 0
+    for shard in manifest["splits"].get(split, {"shards": []})["shards"]:
+        for sample in read_shard(Path(root) / shard["name"]):
+            if limit is not None and n >= limit:
+                return
+            yield sample
+            n += 1
