@@ -83,12 +83,24 @@ def prepare(
     shard_size: int = typer.Option(10000, help="Samples per shard."),
     workers: int = typer.Option(0, help="Worker processes (0: all cores)."),
     strict: bool = typer.Option(False, help="Stop at the first bad sample."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Turn images and labels into WebDataset shards (jpg, txt caption, json metadata).
 
     Example: kodalle prepare ./kfashion --val-fraction 0.05 --crop garments
     """
-    not_built("prepare")
+    from kodalle_cli.data.prepare import PrepareConfig, summary
+    from kodalle_cli.data.prepare import prepare as run_prepare
+
+    cfg = PrepareConfig(
+        source=source, out=out, format=format, caption_style=caption_style,
+        include_style=include_style, caption_pick=caption_pick, crop=crop,
+        crop_margin=crop_margin, image_size=image_size, resize=resize,
+        val_fraction=val_fraction, shard_size=shard_size, workers=workers, strict=strict,
+        progress=progress,
+    )
+    manifest = run_prepare(cfg)
+    console.print(summary(manifest, out), markup=False, highlight=False)
 
 
 @app.command()

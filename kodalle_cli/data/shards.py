@@ -27,9 +27,11 @@ in an ``IterableDataset`` needs no extra code.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import random
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,26 +65,28 @@ class ShardWriter:
     """Writes one shard under a temporary name; :meth:`commit` makes it appear atomically."""
 
     def __init__(self, path: Path):
-        from webdataset import TarWriter
-
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        # fixed mtime, owner and mode: the same samples give byte-identical tar files
-        self._tar = TarWriter(
-            str(self.tmp), user="kodalle", group="kodalle", mode=0o644, mtime=0,
-            encoder=False, format="PAX_FORMAT",
-        )
+        # plain tarfile (webdataset's TarWriter would import torch into every worker)
+        self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self.count = 0
 
+    def _add(self, name: str, data: bytes) -> None:
+        # fixed mtime, owner and mode: the same samples give byte-identical tar files
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = "kodalle"
+        self._tar.addfile(info, io.BytesIO(data))
+
     def write(self, key: str, jpg: bytes, caption: str, meta: dict) -> None:
-        if "." in key or "/" in key:
-            raise ValueError(f"shard keys may not contain dots or slashes: {key!r}")
-        self._tar.write({
-            "__key__": key,
-            "jpg": jpg,
-            "txt": caption.encode("utf-8"),
-            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-        })
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"shard keys must be non-empty, without dots or slashes: {key!r}")
+        self._add(f"{key}.jpg", jpg)
+        self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+        self._add(f"{key}.txt", caption.encode("utf-8"))
         self.count += 1
 
     def commit(self, stats: dict) -> None:
@@ -181,8 +185,6 @@ def iter_image_samples(
             if "jpg" not in sample:
                 continue
             if decode:
-                import io
-
                 with Image.open(io.BytesIO(sample["jpg"])) as im:
                     image = im.convert("RGB")
             else:
