@@ -119,7 +119,22 @@ def tokenize(
 
     Example: kodalle tokenize shards --vqgan runs/vqgan --backbone klue-roberta-large
     """
-    not_built("tokenize")
+    from kodalle_cli.tokenize import TokenizeConfig
+    from kodalle_cli.tokenize import tokenize as run_tokenize
+
+    summary = run_tokenize(TokenizeConfig(
+        shards=shards, vqgan=vqgan, vqgan_config=vqgan_config, backbone=backbone,
+        backbone_path=backbone_path, text_seq_len=text_seq_len, out=out,
+        batch_size=batch_size, device=device,
+    ))
+    counts = ", ".join(f"{n} {split}" for split, n in summary.samples.items())
+    console.print(
+        f"tokenized {counts} samples into {summary.out} "
+        f"({summary.shards_written} shards written, {summary.shards_skipped} already done, "
+        f"{summary.images_per_second:.1f} images/s); "
+        f"{summary.truncated} captions truncated to {text_seq_len} tokens",
+        soft_wrap=True,
+    )
 
 
 # ---- training --------------------------------------------------------------------------------

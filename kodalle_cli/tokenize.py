@@ -1,0 +1,289 @@
+"""``kodalle tokenize``: image shards -> token shards (text ids + VQGAN codes).
+
+For every image shard ``SHARDS/{train,val}-NNNNNN.tar`` one token shard of the same name
+is written to ``OUT`` (default ``SHARDS/tokens``), atomically; a shard already there
+(with its ``_stats.json``) is skipped, so an interrupted run resumes per shard. The
+manifest records the tokenizer and VQGAN identities and text_seq_len; a run whose
+tokenizer, VQGAN or text_seq_len differ from an existing manifest's is refused instead of
+mixing tokens.
+
+Python use::
+
+    from kodalle_cli.tokenize import TokenizeConfig, tokenize
+    summary = tokenize(TokenizeConfig(shards="shards", vqgan="runs/vqgan",
+                                      backbone="klue-roberta-large"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kodalle_cli.data import tokens as token_shards
+from kodalle_cli.errors import KodalleError, UsageError
+
+
+@dataclass
+class TokenizeConfig:
+    shards: Path | str = Path("shards")
+    vqgan: str = ""
+    backbone: str = ""
+    vqgan_config: Path | str | None = None
+    backbone_path: Path | str | None = None
+    text_seq_len: int = 128
+    out: Path | str | None = None  # default SHARDS/tokens
+    batch_size: int = 32
+    device: str = "auto"
+    splits: tuple[str, ...] = ("train", "val")
+    progress: bool = True
+
+
+@dataclass
+class TokenizeSummary:
+    out: Path
+    samples: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    seconds: float = 0.0
+    images_encoded: int = 0  # this run (skipped shards not counted)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---- text ------------------------------------------------------------------------------------
+class TextTokenizer:
+    """The backbone's tokenizer, padded with the backbone's pad id to ``text_seq_len``."""
+
+    def __init__(self, backbone, text_seq_len: int):
+        from kodalle_cli.backbone import special_ids
+
+        self.backbone = backbone
+        self.tokenizer = backbone.load_tokenizer()
+        self.pad_id = special_ids(backbone.config())[0]
+        self.text_seq_len = text_seq_len
+        self.identity = tokenizer_identity(backbone)
+
+    def __call__(self, captions: list[str]) -> tuple[np.ndarray, int]:
+        """ids ``[B, text_seq_len]`` int32 and how many captions were truncated."""
+        full = self.tokenizer(captions, truncation=False, add_special_tokens=True)["input_ids"]
+        cut = self.tokenizer(
+            captions, truncation=True, max_length=self.text_seq_len, add_special_tokens=True
+        )["input_ids"]
+        ids = np.full((len(captions), self.text_seq_len), self.pad_id, dtype=np.int32)
+        for i, row in enumerate(cut):
+            ids[i, : len(row)] = row
+        truncated = sum(len(f) > self.text_seq_len for f in full)
+        return ids, truncated
+
+
+def tokenizer_identity(backbone) -> str:
+    """sha256 of the tokenizer's files (names and bytes)."""
+    from kodalle_cli.backbone import TOKENIZER_FILES
+
+    directory = backbone.tokenizer_dir()
+    h = hashlib.sha256()
+    for name in sorted(TOKENIZER_FILES):
+        path = directory / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes())
+    return "sha256:" + h.hexdigest()
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
+    """Tokenize every image shard of ``cfg.shards``; returns counts and speed."""
+    from kodalle_cli.backbone import get_backbone
+    from kodalle_cli.data.shards import shard_paths
+    from kodalle_cli.device import pick_device
+    from kodalle_cli.vqgan import load_vqgan
+
+    if cfg.text_seq_len < 2:
+        raise UsageError("--text-seq-len must be at least 2")
+    if cfg.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    shards = Path(cfg.shards)
+    out = Path(cfg.out) if cfg.out else shards / "tokens"
+    inputs = {}
+    for split in cfg.splits:
+        try:
+            inputs[split] = shard_paths(shards, split)
+        except KodalleError:
+            if split == "train":
+                raise
+    device = pick_device(cfg.device)
+    backbone = get_backbone(cfg.backbone, str(cfg.backbone_path) if cfg.backbone_path else None)
+    text = TextTokenizer(backbone, cfg.text_seq_len)
+    vqgan = load_vqgan(cfg.vqgan, cfg.vqgan_config, device=device)
+    identity = {
+        "text_seq_len": cfg.text_seq_len,
+        "tokenizer_hash": text.identity,
+        "vqgan_hash": vqgan.identity(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _check_existing_manifest(out, identity)
+    for stale in out.glob(".*.tmp-*"):  # left by a killed run; their shards are redone
+        stale.unlink(missing_ok=True)
+
+    summary = TokenizeSummary(out=out)
+    listed: dict[str, list[dict]] = {s: [] for s in token_shards.SPLITS}
+    todo = [(split, p) for split, paths in inputs.items() for p in paths]
+    start = time.perf_counter()
+    encoded = 0
+    with _progress(cfg.progress) as bar:
+        task = bar.add_task("tokenize", total=len(todo), rate="")
+        for split, shard in todo:
+            target = out / shard.name
+            stats = _finished_stats(target, identity)
+            if stats is not None:
+                summary.shards_skipped += 1
+            else:
+                stats = _tokenize_shard(shard, target, text, vqgan, cfg, identity)
+                summary.shards_written += 1
+                encoded += stats["count"]
+            summary.samples[split] = summary.samples.get(split, 0) + stats["count"]
+            summary.truncated += stats["truncated"]
+            listed[split].append({"name": target.name, "count": stats["count"]})
+            rate = encoded / (time.perf_counter() - start)
+            bar.update(task, advance=1, rate=f"{rate:.1f} images/s")
+    summary.seconds = time.perf_counter() - start
+    summary.images_encoded = encoded
+    manifest = {
+        "format": token_shards.FORMAT,
+        "version": 1,
+        "text_seq_len": cfg.text_seq_len,
+        "pad_id": text.pad_id,
+        "num_image_tokens": vqgan.num_tokens,
+        "image_fmap_size": vqgan.fmap_size,
+        "codes_dtype": token_shards.codes_dtype(vqgan.num_tokens).name,
+        "tokenizer_hash": text.identity,
+        "vqgan": {"hash": identity["vqgan_hash"], "source": str(cfg.vqgan),
+                  "num_tokens": vqgan.num_tokens, "image_size": vqgan.image_size,
+                  "fmap_size": vqgan.fmap_size},
+        "tokenizer": {"backbone": backbone.name, "source": backbone.location,
+                      "vocab_size": len(text.tokenizer)},
+        "splits": {s: {"count": sum(x["count"] for x in v), "shards": v}
+                   for s, v in listed.items()},
+        "truncated": summary.truncated,
+        "image_shards": str(shards),
+    }
+    _write_json(out / token_shards.MANIFEST, manifest)
+    return summary
+
+
+def ensure_tokens(cfg: TokenizeConfig) -> Path:
+    """The token-shard directory for ``cfg``: reused when its manifest matches (same
+    tokenizer, VQGAN and text_seq_len, every image shard tokenized), else (re)built by
+    :func:`tokenize`. What ``kodalle train`` calls on image shards."""
+    return tokenize(cfg).out
+
+
+def _check_existing_manifest(out: Path, identity: dict) -> None:
+    path = out / token_shards.MANIFEST
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    found = {"text_seq_len": old.get("text_seq_len"),
+             "tokenizer_hash": old.get("tokenizer_hash"),
+             "vqgan_hash": (old.get("vqgan") or {}).get("hash")}
+    _refuse_mismatch(found, identity, str(path))
+
+
+def _refuse_mismatch(found: dict, identity: dict, where: str) -> None:
+    names = {"text_seq_len": "text_seq_len", "tokenizer_hash": "tokenizer",
+             "vqgan_hash": "VQGAN"}
+    diff = [names[k] for k in identity if found.get(k) != identity[k]]
+    if diff:
+        raise KodalleError(
+            f"{where} holds tokens made with another {' and '.join(diff)}; "
+            "pass another --out or delete that directory"
+        )
+
+
+def _stats_path(target: Path) -> Path:
+    return target.with_name(target.name[: -len(".tar")] + "_stats.json")
+
+
+def _finished_stats(target: Path, identity: dict) -> dict | None:
+    """Stats of a token shard finished by an earlier run (None: not there yet)."""
+    stats_file = _stats_path(target)
+    if not (target.is_file() and stats_file.is_file()):
+        return None
+    stats = json.loads(stats_file.read_text(encoding="utf-8"))
+    _refuse_mismatch(stats, identity, str(target))
+    return stats
+
+
+def _tokenize_shard(shard: Path, target: Path, text: TextTokenizer, vqgan, cfg,
+                    identity: dict) -> dict:
+    import webdataset as wds
+
+    from kodalle_cli.data.images import to_tensor
+    from kodalle_cli.data.shards import iter_image_samples
+
+    dtype = token_shards.codes_dtype(vqgan.num_tokens)
+    stats = {"count": 0, "truncated": 0, "source": shard.name, **identity}
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    batch: list = []
+    try:
+        with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as writer:
+            def flush():
+                ids, truncated = text([s.caption for s in batch])
+                images = to_tensor([s.image for s in batch], size=vqgan.image_size)
+                codes = vqgan.encode(images).cpu().numpy().astype(dtype)
+                for s, row_ids, row_codes in zip(batch, ids, codes, strict=True):
+                    writer.write({"__key__": s.key, "ids.npy": _npy(row_ids),
+                                  "codes.npy": _npy(row_codes),
+                                  "txt": s.caption.encode("utf-8")})
+                stats["count"] += len(batch)
+                stats["truncated"] += truncated
+                batch.clear()
+
+            for sample in iter_image_samples(shard, split=None, split_by_worker=False):
+                batch.append(sample)
+                if len(batch) == cfg.batch_size:
+                    flush()
+            if batch:
+                flush()
+        os.replace(tmp, target)
+        _write_json(_stats_path(target), stats)  # renamed last: marks the shard finished
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("shards"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+        disable=not enabled,
+    )

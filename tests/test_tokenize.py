@@ -1,0 +1,153 @@
+"""`kodalle tokenize`: image shards -> token shards, with a tiny backbone and a tiny VQGAN."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kodalle_cli.data import tokens as token_shards
+from kodalle_cli.errors import KodalleError
+from kodalle_cli.tokenize import TokenizeConfig, tokenize
+from kodalle_cli.vqgan import VQGAN, VQGANConfig, load_vqgan
+
+CAPTIONS = [
+    "상의에서 색상은 레드이다. 카테고리는 블라우스이다.",
+    "하의에서 색상은 블루이다. 카테고리는 스커트이다.",
+    "원피스에서 색상은 블랙이다. " * 12,  # longer than text_seq_len: truncated
+]
+
+
+def write_image_shard(path, samples):
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False) as w:
+        for key, image, caption in samples:
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=95)
+            w.write({"__key__": key, "jpg": buf.getvalue(), "txt": caption.encode(),
+                     "json": json.dumps({"source": key}).encode()})
+
+
+def random_image(seed, size=32):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from kodalle_cli.tiny_backbone import build_klue_like
+
+    root = tmp_path_factory.mktemp("tok")
+    backbone = build_klue_like(root / "backbone")
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(n_embed=64, embed_dim=8, ch=32, ch_mult=(1, 2, 2),
+                           num_res_blocks=1, attn_resolutions=(), resolution=32, z_channels=8))
+    with torch.no_grad():
+        feats = vq.encode_features(torch.rand(2, 3, 32, 32) * 2 - 1)
+        vq.quantize.embedding.weight.copy_(feats.permute(0, 2, 3, 1).reshape(-1, 8)[:64])
+    vq.save(root / "vqgan")
+    shards = root / "shards"
+    shards.mkdir()
+    n = 0
+    for split, count in (("train", 2), ("val", 1)):
+        for i in range(count):
+            samples = []
+            for _ in range(3):
+                samples.append((f"s{n:04d}", random_image(n), CAPTIONS[n % 3]))
+                n += 1
+            write_image_shard(shards / f"{split}-{i:06d}.tar", samples)
+    return root, backbone, shards
+
+
+def config(setup, **kw):
+    root, backbone, shards = setup
+    base = dict(shards=shards, vqgan=str(root / "vqgan"), backbone=str(backbone),
+                text_seq_len=16, batch_size=2, device="cpu", progress=False)
+    base.update(kw)
+    return TokenizeConfig(**base)
+
+
+def test_tokenize_writes_padded_ids_codes_and_manifest(setup):
+    root, backbone, shards = setup
+    summary = tokenize(config(setup))
+    out = shards / "tokens"
+    assert summary.out == out and summary.samples == {"train": 6, "val": 3}
+    assert summary.truncated == 3 and summary.shards_written == 3
+
+    manifest = token_shards.read_manifest(out)
+    vq = load_vqgan(root / "vqgan")
+    assert manifest["text_seq_len"] == 16 and manifest["pad_id"] == 1
+    assert manifest["vqgan"]["hash"] == vq.identity()
+    assert manifest["num_image_tokens"] == 64 and manifest["image_fmap_size"] == 8
+    assert manifest["codes_dtype"] == "int16" and manifest["tokenizer_hash"].startswith("sha256:")
+    assert manifest["splits"]["train"]["count"] == 6 and manifest["splits"]["val"]["count"] == 3
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(backbone)
+    from kodalle_cli.data.images import to_tensor
+    from kodalle_cli.data.shards import iter_image_samples
+
+    originals = {s.key: s for s in iter_image_samples(shards, "train")}
+    samples = token_shards.read_shard(out / "train-000000.tar")
+    assert [s["key"] for s in samples] == ["s0000", "s0001", "s0002"]
+    for s in samples:
+        want = tok(originals[s["key"]].caption, truncation=True, max_length=16)["input_ids"]
+        assert want[-1] == 2  # a truncated caption still ends with [SEP]
+        assert s["ids"][: len(want)].tolist() == want
+        assert (s["ids"][len(want):] == 1).all()
+        assert s["txt"] == originals[s["key"]].caption
+        image = to_tensor([originals[s["key"]].image], size=32)
+        assert s["codes"].tolist() == vq.encode(image)[0].tolist()
+    assert len({tuple(s["codes"].tolist()) for s in samples}) == 3
+    # stored dtypes: int32 ids, int16 codes
+    import tarfile
+
+    with tarfile.open(out / "train-000000.tar") as tar:
+        ids = np.load(io.BytesIO(tar.extractfile("s0000.ids.npy").read()))
+        codes = np.load(io.BytesIO(tar.extractfile("s0000.codes.npy").read()))
+    assert ids.dtype == np.int32 and ids.shape == (16,)
+    assert codes.dtype == np.int16 and codes.shape == (64,)
+    # the trainer's reader takes them; train and val stay apart
+    batch = next(iter(token_shards.TokenBatches(out, "train", batch_size=4)))
+    assert batch["ids"].shape == (4, 16) and batch["codes"].shape == (4, 64)
+    val_keys = [s["key"] for s in token_shards.iter_split(out, "val")]
+    assert val_keys == ["s0006", "s0007", "s0008"]
+
+
+def test_tokenize_resumes_per_shard_and_refuses_another_vqgan(setup, tmp_path):
+    out = tmp_path / "tokens"
+    tokenize(config(setup, out=out))
+    before = (out / "train-000001.tar").read_bytes()
+    (out / "train-000000_stats.json").unlink()  # as if killed while writing this shard
+    again = tokenize(config(setup, out=out))
+    assert again.shards_written == 1 and again.shards_skipped == 2
+    assert again.samples == {"train": 6, "val": 3}
+    assert (out / "train-000001.tar").read_bytes() == before
+    assert not list(out.glob(".*tmp*"))
+
+    root = setup[0]
+    other = VQGAN(load_vqgan(root / "vqgan").config)
+    other.save(tmp_path / "other")
+    with pytest.raises(KodalleError, match="another VQGAN"):
+        tokenize(config(setup, out=out, vqgan=str(tmp_path / "other")))
+    with pytest.raises(KodalleError, match="another text_seq_len"):
+        tokenize(config(setup, out=out, text_seq_len=20))
+
+
+def test_cli_tokenize(setup, tmp_path, capsys):
+    from kodalle_cli.cli import main
+
+    root, backbone, shards = setup
+    main(["tokenize", str(shards), "--vqgan", str(root / "vqgan"), "--backbone",
+          str(backbone), "--text-seq-len", "16", "--out", str(tmp_path / "t"),
+          "--device", "cpu", "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert "6 train, 3 val" in printed and "3 captions truncated" in printed
+    assert (tmp_path / "t" / "manifest.json").is_file()
