@@ -100,7 +100,7 @@ def prepare(
         progress=progress,
     )
     manifest = run_prepare(cfg)
-    console.print(summary(manifest, out), markup=False, highlight=False)
+    console.print(summary(manifest, out), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

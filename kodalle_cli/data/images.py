@@ -97,10 +97,10 @@ def open_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"decompression bomb: {exc}") from None
-    except FileNotFoundError:
-        raise ImageError("image file is missing") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        # strerror, not str(exc): no absolute paths in the reasons (they go to the manifest)
+        msg = getattr(exc, "strerror", None) or (str(exc).splitlines() or [""])[0]
+        msg = msg or type(exc).__name__
         raise ImageError(f"unreadable image: {msg}") from None
 
 

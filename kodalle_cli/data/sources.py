@@ -170,11 +170,13 @@ def scan_kfashion(
         by_stem.setdefault(img.stem, img)
     skips: list[Skip] = []
     paired: dict[Path, Path] = {}  # image -> label
+    broken: set[str] = set()
     results = map_fn(label_image_name, [str(p) for p in labels])
     for label, (name, error) in zip(labels, results, strict=True):
         rel = _rel(label, root)
         if error:
             skips.append(Skip(rel, error))
+            broken.add(label.stem)  # its image is not reported a second time
             continue
         image = None
         if name:
@@ -196,7 +198,7 @@ def scan_kfashion(
             continue
         paired[image] = label
     for img in images:
-        if img not in paired:
+        if img not in paired and img.stem not in broken:
             skips.append(Skip(_rel(img, root), "image has no label"))
     items = sorted(paired.items())
     keys = _unique_keys([(img.stem, img, root) for img, _ in items])
