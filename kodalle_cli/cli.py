@@ -234,25 +234,44 @@ def train_reranker(
 @app.command()
 def sample(
     captions: list[str] = typer.Argument(None, help="One or more captions."),
-    n: int = typer.Option(16, "-n", "--num-images", help="Images per caption."),
-    checkpoint: Path | None = typer.Option(None, help="Run dir, checkpoint dir or KoDALLE .pt."),
-    out: Path = typer.Option(Path("samples")),
-    batch_size: int = typer.Option(16),
-    top_k: float = typer.Option(0.9, help="Count (>=1) or fraction kept, like filter_thres."),
-    top_p: float | None = typer.Option(None),
-    temperature: float = typer.Option(1.0),
-    cond_scale: float = typer.Option(1.0, help="Classifier-free guidance scale."),
-    seed: int | None = typer.Option(None),
+    n: int = typer.Option(16, "-n", "--num-images", min=1, help="Images per caption."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Run dir, checkpoint dir, or KoDALLE / dalle-pytorch .pt "
+        "(default: the latest checkpoint of the newest run under runs/)."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory."),
+    batch_size: int = typer.Option(16, min=1, help="Images per forward (results do not "
+                                   "depend on it)."),
+    top_k: float = typer.Option(0.9, help="Count (>= 1: keep K tokens) or fraction in [0, 1) "
+                                "like dalle-pytorch's filter_thres (0.9 keeps the top 10%)."),
+    top_p: float | None = typer.Option(None, help="Nucleus sampling: keep the top tokens "
+                                       "whose probability reaches P."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature (0: greedy)."),
+    cond_scale: float = typer.Option(1.0, help="Classifier-free guidance scale (1: off)."),
+    seed: int | None = typer.Option(None, help="Make the call reproducible."),
     captions_file: Path | None = typer.Option(None, help="One caption per line."),
     rerank: Path | None = typer.Option(None, help="Reranker run directory."),
-    keep: int | None = typer.Option(None, help="With --rerank: keep the best K."),
+    keep: int | None = typer.Option(None, min=1, help="With --rerank: keep the best K."),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPUs that have it)|bf16|fp32"),
 ) -> None:
-    """Generate images for captions.
+    """Generate images for captions: OUT/<caption-slug>/0000.png ..., grid.png, metadata.json.
 
-    Example: kodalle sample "하의에서 색상은 블루이다. 카테고리는 스커트이다." -n 16
+    Example: kodalle sample "하의에서 색상은 블루이다. 카테고리는 스커트이다." -n 16 --seed 0
     """
-    not_built("sample")
+    from kodalle_cli.generate import SampleConfig, read_captions
+    from kodalle_cli.generate import sample as run_sample
+
+    if keep is not None and rerank is None:
+        raise UsageError("--keep needs --rerank RERANKER")
+    config = SampleConfig(
+        captions=read_captions(captions, captions_file), n=n, checkpoint=checkpoint, out=out,
+        batch_size=batch_size, top_k=top_k, top_p=top_p, temperature=temperature,
+        cond_scale=cond_scale, seed=seed, rerank=rerank, keep=keep, device=device,
+        precision=precision,
+    )
+    for result in run_sample(config):
+        console.print(f"{result.directory}  {len(result.images)} images  "
+                      f"{result.caption[:60]}", markup=False, highlight=False)
 
 
 @app.command()

@@ -1,0 +1,327 @@
+"""kodalle sample: filters, seeded draws, cached decoding vs full recomputation, outputs, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kodalle_cli.errors import UsageError
+from kodalle_cli.generate import (
+    CaptionResult,
+    make_grid,
+    read_captions,
+    slugify,
+    to_pil,
+    unique_slugs,
+    write_caption_dir,
+)
+from kodalle_cli.model.sample import (
+    SamplingSettings,
+    draw,
+    filter_logits,
+    row_uniforms,
+    top_k_count,
+)
+
+
+# ---- filters ---------------------------------------------------------------------------------
+def test_top_k_fraction_matches_dalle_pytorch_filter_thres():
+    from dalle_pytorch.dalle_pytorch import top_k as dp_top_k
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 200)
+    for thres in (0.0, 0.5, 0.9, 0.99, 0.999):
+        ours = filter_logits(logits, SamplingSettings(top_k=thres, temperature=1.0))
+        theirs = dp_top_k(logits, thres=thres)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), thres
+        kept = ~torch.isinf(ours)
+        assert torch.equal(ours[kept], theirs[kept])
+
+
+def test_top_k_count_and_fraction_base():
+    assert top_k_count(5, 100) == 5
+    assert top_k_count(500, 100) == 100
+    assert top_k_count(0.75, 100) == 25
+    assert top_k_count(0.75, 1000) == 250  # the fraction refers to the base given
+    assert top_k_count(0.9, 100) == 9  # int((1 - 0.9) * 100): dalle-pytorch's arithmetic
+    assert top_k_count(0.9999, 100) == 1
+    assert top_k_count(None, 100) is None
+    logits = torch.randn(2, 100)
+    out = filter_logits(logits, SamplingSettings(top_k=0.75), fraction_base=200)
+    assert (~torch.isinf(out)).sum(-1).tolist() == [50, 50]
+    out = filter_logits(logits, SamplingSettings(top_k=7))
+    assert (~torch.isinf(out)).sum(-1).tolist() == [7, 7]
+    assert torch.equal(out.argmax(-1), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = lambda p: (~torch.isinf(filter_logits(logits, SamplingSettings(top_k=None, top_p=p))))  # noqa: E731
+    assert kept(0.5).tolist() == [[True, False, False, False]]
+    assert kept(0.6).tolist() == [[True, True, False, False]]
+    assert kept(1.0).tolist() == [[True, True, True, True]]
+    assert kept(0.9).tolist() == [[True, True, True, False]]
+    # order in the vocabulary does not matter
+    perm = torch.tensor([2, 0, 3, 1])
+    assert kept(0.6)[:, perm].tolist() == (
+        ~torch.isinf(filter_logits(logits[:, perm], SamplingSettings(top_k=None, top_p=0.6)))
+    ).tolist()
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([[1.0, 2.0, 4.0]])
+    out = filter_logits(logits, SamplingSettings(top_k=None, temperature=2.0))
+    assert torch.allclose(out, logits / 2)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(top_k=-1), dict(top_k=2.5), dict(top_p=0), dict(top_p=1.5), dict(temperature=-1),
+    dict(cond_scale=-2),
+])
+def test_bad_settings_are_usage_errors(bad):
+    with pytest.raises(UsageError):
+        SamplingSettings(**bad).validate()
+
+
+def test_draw_follows_the_distribution_and_never_picks_filtered_tokens():
+    logits = torch.tensor([[0.0, 1.0, -float("inf"), 2.0]]).repeat(20000, 1)
+    u = torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ids = draw(logits, u)
+    counts = torch.bincount(ids, minlength=4).float() / len(ids)
+    expected = torch.tensor([0.0, 1.0, -float("inf"), 2.0]).softmax(-1)
+    assert counts[2] == 0
+    assert torch.allclose(counts, expected, atol=0.015)
+    # u at the extremes stays inside the allowed tokens
+    edge = draw(logits[:2], torch.tensor([0.0, 1.0 - 1e-12], dtype=torch.float64))
+    assert edge.tolist() == [0, 3]
+    assert draw(logits[:1], u[:1], greedy=True).item() == 3
+
+
+def test_row_uniforms_depend_only_on_the_row():
+    a = row_uniforms(7, 0, 3, 16)
+    assert torch.equal(a, row_uniforms(7, 0, 3, 16))
+    assert not torch.equal(a, row_uniforms(7, 0, 4, 16))
+    assert not torch.equal(a, row_uniforms(7, 1, 3, 16))
+    assert not torch.equal(a, row_uniforms(8, 0, 3, 16))
+    assert ((a >= 0) & (a < 1)).all()
+
+
+# ---- captions and files ----------------------------------------------------------------------
+def test_slugs_keep_hangul_strip_unsafe_characters_and_are_unique(tmp_path):
+    assert slugify("하의에서 색상은 블루이다. 카테고리는 스커트이다.") == (
+        "하의에서-색상은-블루이다-카테고리는-스커트이다"
+    )
+    assert slugify("../../etc/passwd") == "etc-passwd"
+    assert slugify("a/b\\c:d*e?f\"g<h>i|j") == "a-b-c-d-e-f-g-h-i-j"
+    assert slugify("...") == "caption"
+    assert len(slugify("가" * 500)) == 60
+    (tmp_path / "red").mkdir()
+    (tmp_path / "red" / "0000.png").write_bytes(b"x")
+    (tmp_path / "blue").mkdir()  # empty: may be reused
+    assert unique_slugs(["red", "Red!", "blue", "blue"], tmp_path) == [
+        "red-2", "red-3", "blue", "blue-2"]
+
+
+def test_read_captions_joins_arguments_and_file(tmp_path):
+    f = tmp_path / "caps.txt"
+    f.write_text("상의에서 색상은 레드이다.\n\n  하의 \n", encoding="utf-8")
+    assert read_captions(["a"], f) == ["a", "상의에서 색상은 레드이다.", "하의"]
+    with pytest.raises(UsageError):
+        read_captions([], None)
+
+
+def test_caption_dir_is_written_completely(tmp_path):
+    images = to_pil(torch.rand(3, 3, 8, 8))
+    meta = {"caption": "x", "images": [{"file": f"{i:04d}.png"} for i in range(3)]}
+    d = write_caption_dir(tmp_path / "x", CaptionResult("x", images, meta, None,
+                                                         torch.zeros(3, 4, dtype=torch.long)))
+    assert sorted(p.name for p in d.iterdir()) == [
+        "0000.png", "0001.png", "0002.png", "codes.npy", "grid.png", "metadata.json"]
+    assert json.loads((d / "metadata.json").read_text(encoding="utf-8"))["caption"] == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temporary left behind
+    grid = make_grid(images)
+    assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+
+
+# ---- the decoding loop on a tiny model -------------------------------------------------------
+def tiny_dalle(seed: int = 0):
+    from kodalle_cli.model.dalle import DALLE, DALLEConfig
+
+    torch.manual_seed(seed)
+    cfg = DALLEConfig(num_text_tokens=40, num_image_tokens=24, image_fmap_size=4, dim=32,
+                      depth=2, heads=2, dim_head=16, text_seq_len=6, pad_id=1, bos_id=0)
+    model = DALLE(cfg).eval()
+    with torch.no_grad():  # larger residual branches than the LayerScale start: peaky logits
+        for block in model.blocks:
+            block.attn_scale.fill_(1.0)
+            block.ff_scale.fill_(1.0)
+    return model
+
+
+def tiny_text(batch: int = 3) -> torch.Tensor:
+    text = torch.randint(5, 40, (batch, 6), generator=torch.Generator().manual_seed(1))
+    text[0, 4:] = 1  # padding
+    return text
+
+
+def uniforms_for(rows: int, steps: int, seed: int = 0) -> torch.Tensor:
+    return torch.stack([row_uniforms(seed, 0, i, steps) for i in range(rows)])
+
+
+def test_cache_logits_equal_full_recomputation_at_every_step():
+    model = tiny_dalle()
+    text = tiny_text()
+    codes = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache(3)
+    logits = model.prefill(text, cache)
+    t = model.config.num_text_logits
+    for i in range(16):
+        full = model(text, codes[:, :i])[:, -1, t:]
+        torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+        if i + 1 < 16:
+            logits = model.step(codes[:, i], cache)
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0.0, top_k=None),  # greedy
+    dict(temperature=1.0, top_k=0.8),  # seeded sampling, filter_thres-style: k = 14
+    dict(temperature=0.8, top_k=8, top_p=0.9),
+])
+def test_cached_decoding_yields_the_tokens_of_full_recomputation(settings, cond_scale):
+    from kodalle_cli.model.sample import generate_codes
+
+    model = tiny_dalle()
+    text = tiny_text()
+    s = SamplingSettings(cond_scale=cond_scale, **settings)
+    u = uniforms_for(3, 16)
+    cached = generate_codes(model, text, u, s)
+    full = generate_codes(model, text, u, s, use_cache=False)
+    assert cached.shape == (3, 16)
+    assert torch.equal(cached, full)
+
+
+def test_cond_scale_one_is_plain_decoding_and_guidance_changes_the_output():
+    from kodalle_cli.model.sample import generate_codes
+
+    model = tiny_dalle()
+    text = tiny_text()
+    u = uniforms_for(3, 16)
+    plain = generate_codes(model, text, u, SamplingSettings(top_k=None))
+    # the same, through the guided batch (conditional + unconditional rows in one forward)
+    almost_one = generate_codes(model, text, u, SamplingSettings(top_k=None, cond_scale=1 + 1e-7))
+    assert torch.equal(plain, almost_one)
+    guided = generate_codes(model, text, u, SamplingSettings(top_k=None, cond_scale=3.0))
+    assert not torch.equal(plain, guided)
+    # rows decode independently: the first row alone gives the same codes
+    alone = generate_codes(model, text[:1], u[:1], SamplingSettings(top_k=None, cond_scale=3.0))
+    assert torch.equal(alone[0], guided[0])
+
+
+def test_guided_logits_follow_classifier_free_guidance():
+    model = tiny_dalle()
+    text = tiny_text()
+    t = model.config.num_text_logits
+    cond = model(text)[:, -1, t:]
+    null = model(model.null_text(3))[:, -1, t:]
+    cache = model.new_cache(6)
+    both = model.prefill(torch.cat((text, model.null_text(3))), cache)
+    from kodalle_cli.model.sample import _guided
+
+    torch.testing.assert_close(_guided(both, 3, 2.5), null + (cond - null) * 2.5,
+                               rtol=1e-5, atol=1e-5)
+
+
+# ---- the library function (Python API) on a tiny run -----------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sampler(tiny_klue):
+    from transformers import AutoTokenizer
+
+    from kodalle_cli.generate import Sampler
+    from kodalle_cli.model.dalle import DALLE, DALLEConfig
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_klue)
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig(n_embed=24, embed_dim=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                              attn_resolutions=(), resolution=8, z_channels=32)).eval()
+    cfg = DALLEConfig(num_text_tokens=len(tokenizer), num_image_tokens=24,
+                      image_fmap_size=vqgan.fmap_size, dim=32, depth=2, heads=2, dim_head=16,
+                      text_seq_len=12, pad_id=tokenizer.pad_token_id, bos_id=0)
+    model = DALLE(cfg).eval()
+    return Sampler(model, tokenizer, vqgan, source="tiny", info={"step": 0})
+
+
+def _config(tmp_path, **kw):
+    from kodalle_cli.generate import SampleConfig
+
+    base = dict(captions=["상의에서 색상은 레드이다.", "하의에서 색상은 블루이다."], n=3,
+                out=tmp_path / "out", seed=5, device="cpu", progress=False, top_k=0.5)
+    base.update(kw)
+    return SampleConfig(**base)
+
+
+def test_sample_writes_images_grid_and_metadata(tiny_sampler, tmp_path):
+    from kodalle_cli.generate import sample
+
+    results = sample(_config(tmp_path, cond_scale=2.0), tiny_sampler)
+    assert [r.caption for r in results] == ["상의에서 색상은 레드이다.", "하의에서 색상은 블루이다."]
+    d = results[0].directory
+    assert d == tmp_path / "out" / "상의에서-색상은-레드이다"
+    assert sorted(p.name for p in d.iterdir()) == [
+        "0000.png", "0001.png", "0002.png", "codes.npy", "grid.png", "metadata.json"]
+    meta = json.loads((d / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["caption"] == "상의에서 색상은 레드이다." and meta["seed"] == 5
+    assert meta["settings"]["cond_scale"] == 2.0 and meta["settings"]["top_k"] == 0.5
+    assert meta["token_ids"][0] == 0 and meta["truncated_tokens"] == 0
+    assert meta["checkpoint"] == "tiny"
+    assert results[0].images[0].size == (8, 8)
+    assert results[0].codes.shape == (3, 16)
+    # a second call does not overwrite the first one's directory
+    again = sample(_config(tmp_path, captions=["상의에서 색상은 레드이다."]), tiny_sampler)
+    assert again[0].directory.name == "상의에서-색상은-레드이다-2"
+
+
+def test_same_seed_different_batch_size_same_images(tiny_sampler, tmp_path):
+    from kodalle_cli.generate import sample
+
+    def run(batch_size, seed=5):
+        res = sample(_config(tmp_path, out=None, batch_size=batch_size, seed=seed), tiny_sampler)
+        return torch.cat([r.codes for r in res]), [r.images for r in res]
+
+    codes1, images1 = run(1)
+    codes4, images4 = run(4)
+    codes6, _ = run(6)
+    assert torch.equal(codes1, codes4) and torch.equal(codes1, codes6)
+    assert [list(i.getdata()) for i in images1[1]] == [list(i.getdata()) for i in images4[1]]
+    other, _ = run(4, seed=6)
+    assert not torch.equal(codes1, other)
+
+
+def test_truncation_and_unknown_token_warnings(tiny_sampler, tmp_path):
+    from kodalle_cli.generate import sample
+
+    said = []
+    long_caption = "상의에서 색상은 레드이다. " * 6
+    res = sample(_config(tmp_path, captions=[long_caption, "qqq zzz xxx"], n=1, out=None),
+                 tiny_sampler, warn=said.append)
+    assert len(said) == 2
+    assert "longer than text_seq_len 12" in said[0] and "tokens" in said[0]
+    assert res[0].metadata["truncated_tokens"] > 0
+    assert len(res[0].metadata["token_ids"]) == 12
+    assert "unknown to the tokenizer" in said[1]
+
+
+def test_bad_options_are_clear_errors(tiny_sampler, tmp_path):
+    from kodalle_cli.errors import KodalleError
+    from kodalle_cli.generate import sample
+
+    with pytest.raises(UsageError, match="--keep needs --rerank"):
+        sample(_config(tmp_path, keep=2), tiny_sampler)
+    with pytest.raises(UsageError, match="top-k"):
+        sample(_config(tmp_path, top_k=3.5), tiny_sampler)
+    with pytest.raises(KodalleError, match="no trained run"):
+        sample(_config(tmp_path, runs_dir=tmp_path / "nothing"))
