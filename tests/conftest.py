@@ -31,3 +31,69 @@ def tiny_gptj(tmp_path_factory):
     from kodalle_cli.tiny_backbone import build_gptj_like
 
     return build_gptj_like(tmp_path_factory.mktemp("backbones") / "tiny-gptj")
+
+
+def write_tiny_tokens(out, backbone_dir, vqgan_dir=None, *, text_seq_len=16, fmap=4,
+                      num_image_tokens=64, train=48, val=12, shard_size=24, seed=0):
+    """Learnable token shards: each caption has its own image-code pattern (10% noise).
+
+    Captions are tiny_backbone.SAMPLE_CAPTIONS tokenized by the backbone in ``backbone_dir``;
+    the manifest names ``vqgan_dir`` (a saved VQGAN) as the image tokenizer when given.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from kodalle_cli.backbone import get_backbone, special_ids
+    from kodalle_cli.data.tokens import TokenShardsWriter, pad_ids
+    from kodalle_cli.tiny_backbone import SAMPLE_CAPTIONS
+    from kodalle_cli.tokenize import tokenizer_identity
+
+    backbone = get_backbone(str(backbone_dir))
+    tok = backbone.load_tokenizer()
+    pad = special_ids(backbone.config())[0]
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, num_image_tokens, (len(SAMPLE_CAPTIONS), fmap * fmap))
+    vqgan = {"source": str(vqgan_dir)} if vqgan_dir else {}
+    if vqgan_dir:
+        from kodalle_cli.vqgan import load_vqgan
+
+        vqgan["hash"] = load_vqgan(str(vqgan_dir)).identity()
+    with TokenShardsWriter(Path(out), text_seq_len=text_seq_len,
+                           num_image_tokens=num_image_tokens, image_fmap_size=fmap, pad_id=pad,
+                           tokenizer_hash=tokenizer_identity(backbone), vqgan=vqgan,
+                           shard_size=shard_size) as w:
+        n = 0
+        for split, count in (("train", train), ("val", val)):
+            for _ in range(count):
+                c = n % len(SAMPLE_CAPTIONS)
+                codes = patterns[c].copy()
+                noise = rng.random(codes.shape) < 0.1
+                codes[noise] = rng.integers(0, num_image_tokens, int(noise.sum()))
+                ids = pad_ids(tok(SAMPLE_CAPTIONS[c])["input_ids"], text_seq_len, pad)
+                w.write(split, f"s{n:05d}", ids, codes, SAMPLE_CAPTIONS[c])
+                n += 1
+    return Path(out)
+
+
+def save_tiny_vqgan(out, num_tokens=64, resolution=16):
+    """A tiny untrained VQGAN (4x4 codes for 16x16 images) saved as a run-style directory."""
+    import torch
+
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(n_embed=num_tokens, embed_dim=8, ch=32, ch_mult=(1, 2, 2),
+                           num_res_blocks=1, attn_resolutions=(), resolution=resolution,
+                           z_channels=8))
+    vq.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dalle_data(tmp_path_factory, tiny_klue):
+    """(backbone dir, token-shard dir, VQGAN dir) for DALLE training tests."""
+    root = tmp_path_factory.mktemp("dalle-data")
+    vqgan = save_tiny_vqgan(root / "vqgan")
+    tokens = write_tiny_tokens(root / "tokens", tiny_klue, vqgan)
+    return tiny_klue, tokens, vqgan

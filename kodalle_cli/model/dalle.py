@@ -282,10 +282,14 @@ class DALLE(nn.Module):
         n = self.config.num_text_logits
         return F.linear(h, self.to_logits.weight[n:], self.to_logits.bias[n:])
 
-    def forward(self, text: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, image: torch.Tensor | None = None,
+                return_loss: bool = False, cond_drop: float = 0.0):
         """DALLE-pytorch's forward: masked logits [B, n, text + image vocab] for text [B, T]
         and the first codes of the image [B, <= N] (the last position predicts nothing and is
-        dropped when the image is complete)."""
+        dropped when the image is complete). ``return_loss=True``: :meth:`loss` instead
+        (training calls it this way, so that DDP sees a forward)."""
+        if return_loss:
+            return self.loss(text, image, cond_drop=cond_drop)
         x = self.embed(text, image)[:, : self.total_seq_len]
         logits = self.to_logits(self.transformer(x))
         n, t = x.shape[1], self.config.num_text_logits

@@ -1,0 +1,1 @@
+"""Training: the shared loop (:mod:`.trainer`) and the DALLE task (:mod:`.dalle`)."""

@@ -1,0 +1,310 @@
+"""``kodalle train``: the DALLE transformer on token shards, with the shared trainer.
+
+:func:`run_train` prepares the run directory (config, tokenizer and VQGAN copied in),
+builds the model from the backbone's tables and hands a :class:`DalleTask` to
+:func:`kodalle_cli.train.trainer.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kodalle_cli import runs
+from kodalle_cli.data import tokens as token_shards
+from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
+from kodalle_cli.train.trainer import (
+    Task,
+    TrainerConfig,
+    TrainResult,
+    latest_checkpoint,
+    setup_distributed,
+    train,
+)
+
+MODEL_OPTIONS = ("dim", "depth", "heads", "dim_head", "text_seq_len")
+
+
+@dataclass
+class DalleTrainConfig:
+    backbone: str
+    backbone_path: str | None = None
+    data: Path = Path("shards")
+    out: Path | None = None
+    vqgan: str | None = None
+    dim: int | None = None
+    depth: int = 16
+    heads: int = 8
+    dim_head: int = 64
+    text_seq_len: int | None = None  # default: the token shards' (KoDALLE: 128)
+    freeze_text_emb: bool = False
+    loss_img_weight: float = 7.0
+    text_loss_on_padding: bool = False
+    cond_drop: float = 0.0
+    lr: float = 3e-5
+    weight_decay: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    batch_size: int = 40
+    grad_accum: int = 1
+    grad_clip: float = 0.5
+    precision: str = "auto"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    max_steps: int | None = None
+    epochs: float | None = None
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
+    eval_every: int = 500
+    eval_batches: int = 50
+    sample_every: int = 1000
+    sample_captions: int = 4
+    log_every: int = 10
+    resume: bool = False
+    max_bad_steps: int = 10
+    device: str = "auto"
+    workers: int = 2
+    progress: bool = True
+
+
+def default_out(backbone: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(backbone).name if "/" in backbone else backbone)
+    return Path("runs") / (name.strip("-") or "dalle")
+
+
+# ---- the task --------------------------------------------------------------------------------
+class DalleTask(Task):
+    def __init__(self, model: DALLE, cfg: DalleTrainConfig, tokens_dir: Path, vqgan=None):
+        self.model = model
+        self.cfg = cfg
+        self.tokens_dir = tokens_dir
+        self.vqgan = vqgan
+        self.manifest = token_shards.read_manifest(tokens_dir)
+        self.epoch_samples = self.manifest["splits"]["train"]["count"]
+        self.has_val = self.manifest["splits"].get("val", {}).get("count", 0) > 0
+
+    def train_batches(self, start, rank, world_size):
+        dataset = token_shards.TokenBatches(
+            self.tokens_dir, "train", batch_size=self.cfg.batch_size, seed=self.cfg.seed,
+            rank=rank, world_size=world_size, start_batch=start,
+        )
+        return iter(torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.cfg.workers,
+            persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
+        ))
+
+    def loss(self, model, batch):
+        return model(batch["ids"], batch["codes"], return_loss=True, cond_drop=self.cfg.cond_drop)
+
+    def batch_size(self, batch):
+        return batch["ids"].shape[0]
+
+    def batch_tokens(self, batch):
+        return batch["ids"].shape[0] * (batch["ids"].shape[1] + batch["codes"].shape[1])
+
+    def param_groups(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # embeddings and linear weights decay (as KoDALLE's AdamW did for all parameters
+            # but the norms); biases, norms and LayerScale scales do not
+            (decay if p.dim() >= 2 or name.startswith("image_pos") else no_decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _val_batches(self):
+        batch = []
+        for sample in token_shards.iter_split(self.tokens_dir, "val"):
+            batch.append(sample)
+            if len(batch) == self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def evaluate(self, model, step):
+        if not self.has_val:
+            return {}
+        device = next(model.parameters()).device
+        totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+        for i, samples in enumerate(self._val_batches()):
+            if i >= self.cfg.eval_batches:
+                break
+            ids = torch.from_numpy(np.stack([s["ids"] for s in samples]))
+            codes = torch.from_numpy(np.stack([s["codes"] for s in samples]))
+            loss, parts = model.loss(ids.to(device), codes.to(device))
+            b = ids.shape[0]
+            totals["loss"] += float(loss) * b
+            totals["text_loss"] += float(parts["text_loss"]) * b
+            totals["image_loss"] += float(parts["image_loss"]) * b
+            n += b
+        return {k: v / n for k, v in totals.items()} if n else {}
+
+    def sample(self, model, step, out_dir):
+        if self.vqgan is None or not self.has_val or self.cfg.sample_captions <= 0:
+            return
+        from torchvision.utils import save_image
+
+        from kodalle_cli.model.sample import SamplingSettings, generate_codes, row_uniforms
+
+        samples = list(token_shards.iter_split(self.tokens_dir, "val",
+                                               limit=self.cfg.sample_captions))
+        device = next(model.parameters()).device
+        text = torch.from_numpy(np.stack([s["ids"] for s in samples])).to(device)
+        steps = model.image_seq_len
+        uniforms = torch.stack([row_uniforms(0, i, 0, steps) for i in range(len(samples))])
+        codes = generate_codes(model, text, uniforms, SamplingSettings())
+        images = self.vqgan.decode(codes.cpu())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step-{step:07d}.png"
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_image(images, tmp, format="png", nrow=len(samples))
+        tmp.replace(path)
+        (out_dir / f"step-{step:07d}.txt").write_text(
+            "\n".join(s["txt"] for s in samples) + "\n", encoding="utf-8"
+        )
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def find_tokens(cfg: DalleTrainConfig, main: bool, dist) -> Path:
+    """Token shards: DATA itself, DATA/tokens, or image shards tokenized with --vqgan."""
+    data = Path(cfg.data)
+    for candidate in (data, data / "tokens"):
+        if (candidate / token_shards.MANIFEST).is_file():
+            try:
+                token_shards.read_manifest(candidate)
+                return candidate
+            except KodalleError:
+                continue
+    if cfg.vqgan is None:
+        raise KodalleError(
+            f"no token shards in {data} (no manifest.json): run `kodalle tokenize` first, or "
+            "pass --vqgan to tokenize image shards now"
+        )
+    from kodalle_cli.tokenize import TokenizeConfig, ensure_tokens
+
+    tcfg = TokenizeConfig(shards=data, vqgan=cfg.vqgan, backbone=cfg.backbone,
+                          backbone_path=cfg.backbone_path, text_seq_len=cfg.text_seq_len or 128,
+                          device=cfg.device, progress=cfg.progress)
+    out = None
+    if main:
+        out = ensure_tokens(tcfg)
+    dist.barrier()
+    return out or data / "tokens"
+
+
+def run_train(cfg: DalleTrainConfig) -> TrainResult:
+    """Train (or resume) a DALLE run; returns the trainer's result."""
+    from kodalle_cli.backbone import get_backbone
+
+    dist, device = setup_distributed(cfg.device)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
+    existing = (out / runs.CONFIG).is_file() and latest_checkpoint(out) is not None
+    if cfg.resume and not existing:
+        raise KodalleError(f"--resume: {out} has no checkpoint to resume from")
+    tokens_dir = find_tokens(cfg, dist.main, dist)
+    manifest = token_shards.read_manifest(tokens_dir)
+
+    backbone = get_backbone(cfg.backbone, cfg.backbone_path)
+    from kodalle_cli.tokenize import tokenizer_identity
+
+    if manifest.get("tokenizer_hash") and manifest["tokenizer_hash"] != tokenizer_identity(
+        backbone
+    ):
+        raise KodalleError(
+            f"the token shards in {tokens_dir} were made with another tokenizer than "
+            f"{backbone.name}'s: re-run `kodalle tokenize --backbone {cfg.backbone}`"
+        )
+    if cfg.text_seq_len is not None and cfg.text_seq_len != manifest["text_seq_len"]:
+        raise UsageError(
+            f"--text-seq-len {cfg.text_seq_len} but the token shards in {tokens_dir} have "
+            f"{manifest['text_seq_len']}: re-tokenize or drop the option"
+        )
+    emb = backbone.load_embeddings()
+    if existing:
+        saved = runs.read_config(out)
+        mcfg = DALLEConfig.from_dict(saved["model"])
+        if (mcfg.num_image_tokens, mcfg.image_fmap_size, mcfg.text_seq_len) != (
+            manifest["num_image_tokens"], manifest["image_fmap_size"], manifest["text_seq_len"]
+        ):
+            raise KodalleError(f"the run in {out} was trained on other token shards")
+    else:
+        mcfg = DALLEConfig(
+            num_text_tokens=emb.vocab_size, num_image_tokens=manifest["num_image_tokens"],
+            image_fmap_size=manifest["image_fmap_size"], dim=cfg.dim or emb.dim,
+            depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head,
+            text_seq_len=manifest["text_seq_len"], text_dim=emb.dim,
+            pad_id=manifest.get("pad_id", emb.pad_id),
+            bos_id=emb.bos_id if emb.bos_id is not None else 0,
+            loss_img_weight=cfg.loss_img_weight, text_loss_on_padding=cfg.text_loss_on_padding,
+        )
+        if mcfg.text_dim == mcfg.dim:
+            mcfg.text_dim = None
+
+    torch.manual_seed(cfg.seed)
+    model = DALLE(mcfg)
+    init_from_backbone(model, emb, freeze=cfg.freeze_text_emb)
+    model.grad_checkpointing = cfg.grad_checkpointing
+
+    vq = None
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not existing:
+            runs.write_config(out, {
+                "kind": "dalle",
+                "model": mcfg.to_dict(),
+                "backbone": {"name": backbone.name, "source": backbone.location,
+                             "revision": backbone.revision, "dim": emb.dim,
+                             "position_offset": emb.position_offset, "pad_id": emb.pad_id,
+                             "bos_id": emb.bos_id, "eos_id": emb.eos_id},
+                "train": {k: (str(v) if isinstance(v, Path) else v)
+                          for k, v in dataclasses.asdict(cfg).items()},
+                "data": {"tokens": str(tokens_dir), "tokenizer_hash":
+                         manifest.get("tokenizer_hash"), "vqgan": manifest.get("vqgan")},
+            })
+            backbone.load_tokenizer().save_pretrained(out / runs.TOKENIZER_DIR)
+        vq = _copy_vqgan(cfg, manifest, out)
+
+    trainer_cfg = TrainerConfig(
+        out=out, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
+        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+        precision=cfg.precision, device=cfg.device, compile=cfg.compile, seed=cfg.seed,
+        save_every=cfg.save_every, keep_last=cfg.keep_last, eval_every=cfg.eval_every,
+        sample_every=cfg.sample_every, log_every=cfg.log_every,
+        max_bad_steps=cfg.max_bad_steps, resume=cfg.resume, progress=cfg.progress,
+    )
+    task = DalleTask(model, cfg, tokens_dir, vqgan=vq)
+    return train(task, trainer_cfg, dist, device)
+
+
+def _copy_vqgan(cfg: DalleTrainConfig, manifest: dict, out: Path):
+    """Copy the VQGAN into the run (once) and return it loaded, or None when unavailable."""
+    from kodalle_cli.vqgan import load_vqgan
+
+    target = out / runs.VQGAN_DIR
+    if target.is_dir():
+        return load_vqgan(str(target))
+    source = cfg.vqgan or (manifest.get("vqgan") or {}).get("source")
+    if not source:
+        print(f"note: the token shards name no VQGAN; {out} has no vqgan/ (sampling will "
+              "need --vqgan)", flush=True)
+        return None
+    try:
+        vq = load_vqgan(source)
+    except KodalleError as exc:
+        print(f"note: cannot copy the VQGAN into the run ({exc}); sampling will need --vqgan",
+              flush=True)
+        return None
+    want = (manifest.get("vqgan") or {}).get("hash")
+    if want and vq.identity() != want:
+        raise KodalleError(f"--vqgan {source} is not the VQGAN the token shards were made with")
+    vq.save(target)
+    return vq
