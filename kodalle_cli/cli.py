@@ -150,7 +150,9 @@ def train(
     depth: int = typer.Option(16),
     heads: int = typer.Option(8),
     dim_head: int = typer.Option(64),
-    text_seq_len: int = typer.Option(128),
+    text_seq_len: int | None = typer.Option(
+        None, help="Caption tokens (default: the token shards', KoDALLE's 128)."
+    ),
     freeze_text_emb: bool = typer.Option(False, help="Keep the backbone tables fixed."),
     loss_img_weight: float = typer.Option(7.0),
     text_loss_on_padding: bool = typer.Option(False, help="Count padding in the text loss."),
@@ -173,10 +175,15 @@ def train(
     eval_every: int = typer.Option(500),
     sample_every: int = typer.Option(1000),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
-    max_bad_steps: int = typer.Option(10),
+    max_bad_steps: int = typer.Option(10, help="Stop after this many non-finite losses in a row."),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
+    workers: int = typer.Option(2, help="Data-loader worker processes per rank."),
+    log_every: int = typer.Option(10, help="Steps between metrics.csv rows."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
-    """Train the DALLE transformer on token shards.
+    """Train the DALLE transformer on token shards (resumes when --out has a checkpoint).
+
+    Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m kodalle_cli train ...
 
     Example: kodalle train --backbone klue-roberta-large --data shards --max-steps 100000
     """
@@ -184,7 +191,14 @@ def train(
         return
     if backbone is None:
         raise UsageError("kodalle train needs --backbone NAME (see `kodalle backbones`)")
-    not_built("train")
+    from kodalle_cli.train.dalle import DalleTrainConfig, run_train
+
+    options = dict(locals())
+    options.pop("ctx")
+    options["backbone_path"] = str(backbone_path) if backbone_path else None
+    result = run_train(DalleTrainConfig(**options))
+    if result.checkpoint is not None:
+        console.print(f"step {result.step}: checkpoint {result.checkpoint}")
 
 
 @train_app.command("vqgan")
