@@ -322,6 +322,12 @@ def test_resume_after_interrupted_run_gives_the_same_shards(tmp_path, kf, monkey
         run(kf, out, shard_size=4, image_size=40)
 
 
+def test_output_inside_the_source_is_not_read_as_input(tmp_path, kf):
+    m1 = run(kf, kf / "shards")
+    m2 = run(kf, kf / "shards")
+    assert m1["samples"] == m2["samples"] == 12 and m2["skipped"] == []
+
+
 def test_same_inputs_give_byte_identical_shards_with_any_worker_count(tmp_path, kf):
     m1 = run(kf, tmp_path / "one", shard_size=5, val_fraction=0.2, workers=1)
     m2 = run(kf, tmp_path / "two", shard_size=5, val_fraction=0.2, workers=2)

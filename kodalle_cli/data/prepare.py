@@ -360,7 +360,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                 return map(fn, items)
             return pool.imap(fn, items, chunksize=256)
 
-        fmt, cands, scan_skips = scan(cfg.source, cfg.format, cfg.caption_pick, map_fn)
+        fmt, cands, scan_skips = scan(
+            cfg.source, cfg.format, cfg.caption_pick, map_fn, exclude=cfg.out
+        )
         if not cands and not scan_skips:
             raise KodalleError(f"no images found in {cfg.source}")
         if cfg.strict and scan_skips:

@@ -51,11 +51,16 @@ def sanitize_key(text: str) -> str:
     return key or "sample"
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every file under ``root`` (symlinked folders not followed), in sorted order."""
+def _walk(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Every file under ``root`` (symlinked folders not followed, hidden ones and ``exclude``
+    skipped), in sorted order."""
+    skip = exclude.resolve() if exclude is not None else None
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and (Path(dirpath) / d).resolve() != skip
+        )
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
     return out
 
@@ -88,7 +93,7 @@ def _unique_keys(items: list[tuple[str, Path, Path]]) -> list[str]:
     ]
 
 
-def detect_format(source: Path) -> str:
+def detect_format(source: Path, exclude: Path | None = None) -> str:
     """Guess the format of ``source`` (a directory or a manifest file)."""
     if source.is_file():
         suffix = source.suffix.lower()
@@ -97,7 +102,7 @@ def detect_format(source: Path) -> str:
         if suffix in (".csv", ".tsv"):
             return "csv"
         raise UsageError(f"cannot tell the format of {source}: use --format jsonl|csv")
-    files = _walk(source)
+    files = _walk(source, exclude)
     suffixes = {f.suffix.lower() for f in files}
     for f in files:
         if f.suffix.lower() == ".json":
@@ -156,11 +161,13 @@ def label_image_name(label_path: str) -> tuple[str | None, str | None]:
 
 
 def scan_kfashion(
-    root: Path, map_fn: Callable[[Callable, Iterable], Iterable] = map
+    root: Path,
+    map_fn: Callable[[Callable, Iterable], Iterable] = map,
+    exclude: Path | None = None,
 ) -> tuple[list[Candidate], list[Skip]]:
     """Pair every label JSON below ``root`` with its image: the file named in
     ``이미지 정보.이미지 파일명`` when it exists, else the image with the label's stem."""
-    files = _walk(root)
+    files = _walk(root, exclude)
     images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     labels = [f for f in files if f.suffix.lower() == ".json"]
     by_name: dict[str, Path] = {}
@@ -215,12 +222,14 @@ def _read_caption_lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def scan_folder(root: Path, pick: str = "all") -> tuple[list[Candidate], list[Skip]]:
+def scan_folder(
+    root: Path, pick: str = "all", exclude: Path | None = None
+) -> tuple[list[Candidate], list[Skip]]:
     """``stem.jpg|png|jpeg|webp`` beside ``stem.txt``; each caption line a sample (``all``)
     or only the first line (``first``)."""
     if pick not in ("first", "all"):
         raise UsageError(f"--caption-pick must be first or all, not {pick!r}")
-    files = _walk(root)
+    files = _walk(root, exclude)
     texts = {f.with_suffix(""): f for f in files if f.suffix.lower() == ".txt"}
     images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     skips: list[Skip] = []
@@ -324,8 +333,10 @@ def scan(
     fmt: str = "auto",
     caption_pick: str = "all",
     map_fn: Callable[[Callable, Iterable], Iterable] = map,
+    exclude: Path | None = None,
 ) -> tuple[str, list[Candidate], list[Skip]]:
-    """(format, candidates sorted by key, scan-time skips) for a source."""
+    """(format, candidates sorted by key, scan-time skips) for a source; ``exclude`` is a
+    folder below the source that is not input (the output folder)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if not source.exists():
@@ -333,15 +344,15 @@ def scan(
     if source.is_dir() and not any(source.iterdir()):
         raise KodalleError(f"source {source} is empty")
     if fmt == "auto":
-        fmt = detect_format(source)
+        fmt = detect_format(source, exclude)
     if fmt == "kfashion":
         if not source.is_dir():
             raise UsageError(f"--format kfashion needs a directory, not {source}")
-        cands, skips = scan_kfashion(source, map_fn)
+        cands, skips = scan_kfashion(source, map_fn, exclude)
     elif fmt == "folder":
         if not source.is_dir():
             raise UsageError(f"--format folder needs a directory, not {source}")
-        cands, skips = scan_folder(source, caption_pick)
+        cands, skips = scan_folder(source, caption_pick, exclude)
     else:
         cands, skips = scan_manifest(manifest_path(source, fmt), fmt)
     # keys unique across the run (a stem shared by several manifest rows, say)
