@@ -191,11 +191,10 @@ def train(
         return
     if backbone is None:
         raise UsageError("kodalle train needs --backbone NAME (see `kodalle backbones`)")
+    options = {k: v for k, v in locals().items() if k != "ctx"}
+    options["backbone_path"] = str(backbone_path) if backbone_path else None
     from kodalle_cli.train.dalle import DalleTrainConfig, run_train
 
-    options = dict(locals())
-    options.pop("ctx")
-    options["backbone_path"] = str(backbone_path) if backbone_path else None
     result = run_train(DalleTrainConfig(**options))
     if result.checkpoint is not None:
         console.print(f"step {result.step}: checkpoint {result.checkpoint}")
@@ -227,21 +226,47 @@ def train_vqgan(
 
 @train_app.command("reranker")
 def train_reranker(
-    backbone: str = typer.Option(..., help="Backbone for the text tower."),
-    backbone_path: Path | None = typer.Option(None),
-    data: Path = typer.Option(Path("shards")),
-    out: Path = typer.Option(Path("runs/reranker")),
+    backbone: str = typer.Option(..., help="Backbone for the text tower (its full model)."),
+    backbone_path: Path | None = typer.Option(None, help="Local copy of the backbone."),
+    data: Path = typer.Option(Path("shards"), help="Image shards from `kodalle prepare`."),
+    out: Path = typer.Option(Path("runs/reranker"), help="Run and reranker directory."),
+    image_size: int = typer.Option(224, help="Image side for the EfficientNet-B0 tower."),
+    image_weights: Path | None = typer.Option(
+        None, help="EfficientNet-B0 weights file (default: timm's cache, else random)."),
+    embed_dim: int = typer.Option(256, help="Shared embedding size."),
+    text_seq_len: int = typer.Option(64, help="Caption tokens (truncated beyond)."),
     max_steps: int = typer.Option(1000),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-4),
+    weight_decay: float = typer.Option(0.01),
+    warmup_steps: int = typer.Option(100),
+    eval_every: int = typer.Option(200, help="Validation retrieval accuracy every N steps."),
+    eval_samples: int = typer.Option(256, help="Validation pairs for retrieval accuracy."),
+    save_every: int = typer.Option(500),
+    keep_last: int = typer.Option(2),
+    precision: str = typer.Option("auto", help="auto|bf16|fp16|fp32"),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
     """Train the CLIP-style reranker (EfficientNet-B0 + the backbone's language model).
 
     Example: kodalle train reranker --backbone klue-roberta-large --data shards
     """
-    not_built("train reranker")
+    from kodalle_cli.rerank import train as reranker_training
+
+    result = reranker_training.train_reranker(reranker_training.RerankerTrainConfig(
+        backbone=backbone, backbone_path=str(backbone_path) if backbone_path else None,
+        data=str(data), out=str(out), image_size=image_size,
+        image_weights=str(image_weights) if image_weights else None, embed_dim=embed_dim,
+        text_seq_len=text_seq_len, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, eval_every=eval_every,
+        eval_samples=eval_samples, save_every=save_every, keep_last=keep_last,
+        precision=precision, resume=resume, seed=seed, device=device,
+    ))
+    accuracy = result.get("val_image_to_text")
+    shown = f", val image->text accuracy {accuracy:.3f}" if accuracy is not None else ""
+    console.print(f"reranker written to {out} (step {result['step']}{shown})")
 
 
 # ---- generation and evaluation ---------------------------------------------------------------
@@ -267,6 +292,9 @@ def sample(
     keep: int | None = typer.Option(None, min=1, help="With --rerank: keep the best K."),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     precision: str = typer.Option("auto", help="auto (bf16 on GPUs that have it)|bf16|fp32"),
+    backbone: str | None = typer.Option(None, help="For a bare .pt: the backbone whose "
+                                        "tokenizer it was trained with."),
+    vqgan: str | None = typer.Option(None, help="For a bare .pt: the VQGAN (path or preset)."),
 ) -> None:
     """Generate images for captions: OUT/<caption-slug>/0000.png ..., grid.png, metadata.json.
 
@@ -281,7 +309,7 @@ def sample(
         captions=read_captions(captions, captions_file), n=n, checkpoint=checkpoint, out=out,
         batch_size=batch_size, top_k=top_k, top_p=top_p, temperature=temperature,
         cond_scale=cond_scale, seed=seed, rerank=rerank, keep=keep, device=device,
-        precision=precision,
+        precision=precision, backbone=backbone, vqgan=vqgan,
     )
     for result in run_sample(config):
         console.print(f"{result.directory}  {len(result.images)} images  "
@@ -293,14 +321,24 @@ def rerank(
     images: list[Path] = typer.Argument(..., help="Images to rank."),
     caption: str = typer.Option(..., help="The caption to rank against."),
     reranker: Path = typer.Option(Path("runs/reranker"), help="Reranker run directory."),
-    top: int | None = typer.Option(None, help="Show only the best N."),
+    top: int | None = typer.Option(None, min=1, help="Show only the best N."),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Rank images by their similarity to a caption.
 
     Example: kodalle rerank samples/*/*.png --caption "상의에서 색상은 레드이다." --top 4
     """
-    not_built("rerank")
+    from kodalle_cli.rerank.rank import rank_files
+
+    rows = rank_files(images, caption, reranker, top=top, device=device)
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table("rank", "score", "image", title=caption)
+    for r in rows:
+        table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["image"])
+    console.print(table)
 
 
 @app.command()
@@ -308,16 +346,35 @@ def score(
     checkpoint: Path | None = typer.Option(None, help="Run to generate images with."),
     data: Path = typer.Option(Path("shards"), help="Shards with the validation split."),
     images: Path | None = typer.Option(None, help="Score these images instead of generating."),
-    num_samples: int = typer.Option(1000),
-    inception_weights: Path | None = typer.Option(None),
+    num_samples: int = typer.Option(1000, help="Validation captions (and images) to use."),
+    inception_weights: Path | None = typer.Option(
+        None, help="torch-fidelity Inception weights (else its cache, else download)."),
     reranker: Path | None = typer.Option(None, help="Reranker for CLIP-score, R-precision."),
+    out: Path | None = typer.Option(None, help="Where score.json goes (default RUN/score)."),
+    image_size: int | None = typer.Option(None, help="Side both sets are scored at."),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """FID, KID, IS, CLIP-score and R-precision of generated images.
 
     Example: kodalle score --checkpoint runs/klue-roberta-large --reranker runs/reranker
     """
-    not_built("score")
+    from kodalle_cli.score import ScoreConfig, run_score, score_table
+
+    result = run_score(ScoreConfig(
+        checkpoint=str(checkpoint) if checkpoint else None, data=str(data),
+        images=str(images) if images else None, num_samples=num_samples,
+        inception_weights=str(inception_weights) if inception_weights else None,
+        reranker=str(reranker) if reranker else None, out=str(out) if out else None,
+        image_size=image_size, batch_size=batch_size, seed=seed, device=device,
+    ))
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    console.print(score_table(result))
+    console.print(f"written to {Path(result['out']) / 'score.json'}")
 
 
 # ---- plugins and demo ------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class SampleConfig:
     device: str = "auto"
     precision: str = "auto"
     runs_dir: Path = Path("runs")
+    backbone: str | None = None  # for a bare .pt: whose tokenizer
+    vqgan: str | None = None  # for a bare .pt: which VQGAN (or to replace the run's)
     progress: bool = True
 
     def settings(self) -> SamplingSettings:
@@ -258,41 +260,50 @@ class Sampler:
         return self.model.config.text_seq_len
 
 
-def load_sampler(checkpoint: Path | None, runs_dir: Path = Path("runs")) -> Sampler:
-    """Load what ``--checkpoint`` names (default: the newest run under ``runs_dir``)."""
-    try:
-        from kodalle_cli import runs
-    except ImportError as exc:  # pragma: no cover - the run layer is another issue's module
-        raise KodalleError(f"loading runs is not available: {exc}") from exc
-    target = checkpoint if checkpoint is not None else default_checkpoint(runs_dir)
-    run = runs.load_run(target)
-    if getattr(run, "tokenizer", None) is None or getattr(run, "vqgan", None) is None:
-        raise KodalleError(
-            f"{target} has no tokenizer or VQGAN next to it: sample from a run directory "
-            "(or a checkpoint inside one)"
-        )
-    info = {k: _jsonable(v) for k, v in vars(run).items()
-            if k not in {"model", "tokenizer", "vqgan"}}
-    return Sampler(run.model, run.tokenizer, run.vqgan, str(target), info)
+def load_sampler(checkpoint: Path | None, runs_dir: Path = Path("runs"), *,
+                 backbone: str | None = None, vqgan: str | None = None) -> Sampler:
+    """Load what ``--checkpoint`` names (default: the newest run under ``runs_dir``).
+
+    A bare DALLE-pytorch / KoDALLE ``.pt`` holds neither tokenizer nor VQGAN: ``backbone``
+    names the tokenizer's backbone and ``vqgan`` the VQGAN (a run's own are used otherwise).
+    """
+    from kodalle_cli.runs import load_run
+
+    target = Path(checkpoint) if checkpoint is not None else default_checkpoint(runs_dir)
+    model, config, tokenizer, vq = load_run(target, "cpu", backbone=backbone, vqgan=vqgan)
+    if tokenizer is None or vq is None:
+        missing = " and ".join(n for n, v in (("--backbone NAME (its tokenizer)", tokenizer),
+                                              ("--vqgan PATH", vq)) if v is None)
+        raise KodalleError(f"{target} comes without a tokenizer or VQGAN: pass {missing}")
+    info = {"checkpoint_path": config.get("checkpoint"), "backbone": config.get("backbone"),
+            "model": config.get("model"), "vqgan": config.get("vqgan")}
+    return Sampler(model, tokenizer, vq, str(target), _jsonable(info))
 
 
 def default_checkpoint(runs_dir: Path) -> Path:
-    """The newest run under ``runs_dir`` that has a checkpoint (by its latest checkpoint)."""
+    """The run under ``runs_dir`` whose ``latest`` checkpoint is the newest (DALLE runs only:
+    VQGAN and reranker runs live there too)."""
+    from kodalle_cli.train.trainer import latest_checkpoint
+
     runs_dir = Path(runs_dir)
     candidates = []
-    if runs_dir.is_dir():
-        for run in runs_dir.iterdir():
-            ckpts = run / "checkpoints"
-            if (run / "config.json").is_file() and ckpts.is_dir():
-                stamps = [c.stat().st_mtime for c in ckpts.iterdir() if c.is_dir()]
-                if stamps:
-                    candidates.append((max(stamps), run))
+    for run in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        try:
+            config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(config, dict) or config.get("kind", "dalle") != "dalle" or (
+                "model" not in config):
+            continue
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None:
+            candidates.append((ckpt.stat().st_mtime, str(run), run))
     if not candidates:
         raise KodalleError(
-            f"no trained run with a checkpoint under {runs_dir}/: train one with "
+            f"no trained DALLE run with a checkpoint under {runs_dir}/: train one with "
             "`kodalle train`, or pass --checkpoint RUN_DIR|CHECKPOINT_DIR|FILE.pt"
         )
-    return max(candidates)[1]
+    return max(candidates)[2]
 
 
 def _jsonable(value):
@@ -392,7 +403,8 @@ def sample(config: SampleConfig, sampler: Sampler | None = None,
     dtype = pick_dtype(config.precision, device)
     reranker = _load_reranker(config.rerank, device) if config.rerank is not None else None
 
-    sampler = sampler or load_sampler(config.checkpoint, config.runs_dir)
+    sampler = sampler or load_sampler(config.checkpoint, config.runs_dir,
+                                     backbone=config.backbone, vqgan=config.vqgan)
     model = sampler.model.to(device=device, dtype=dtype).eval()
     vqgan = sampler.vqgan.to(device).eval()
     if vqgan.num_tokens != model.config.num_image_tokens:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,5 +324,73 @@ def test_bad_options_are_clear_errors(tiny_sampler, tmp_path):
         sample(_config(tmp_path, keep=2), tiny_sampler)
     with pytest.raises(UsageError, match="top-k"):
         sample(_config(tmp_path, top_k=3.5), tiny_sampler)
-    with pytest.raises(KodalleError, match="no trained run"):
+    with pytest.raises(KodalleError, match="no trained DALLE run"):
         sample(_config(tmp_path, runs_dir=tmp_path / "nothing"))
+
+
+# ---- runs, .pt checkpoints and the command line ----------------------------------------------
+def _write_run(run, sampler, step: int = 1):
+    from safetensors.torch import save_file
+
+    from kodalle_cli.runs import write_config
+
+    write_config(run, {"kind": "dalle", "model": sampler.model.config.to_dict()})
+    sampler.tokenizer.save_pretrained(run / "tokenizer")
+    sampler.vqgan.save(run / "vqgan")
+    ckpt = run / "checkpoints" / f"step-{step:07d}"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sampler.model.state_dict().items()},
+              str(ckpt / "model.safetensors"))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run / "latest").write_text(f"checkpoints/step-{step:07d}")
+    return run
+
+
+def test_cli_samples_from_the_newest_run_by_default(tiny_sampler, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from kodalle_cli.cli import main
+
+    runs = tmp_path / "runs"
+    _write_run(runs / "old", tiny_sampler)
+    (runs / "vqgan").mkdir(parents=True)  # other runs live there too
+    (runs / "vqgan" / "config.json").write_text('{"kind": "vqgan"}')
+    time.sleep(0.05)
+    _write_run(runs / "new", tiny_sampler, step=7)
+    old = runs / "old" / "checkpoints" / "step-0000001"
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    monkeypatch.chdir(tmp_path)
+    main(["sample", "상의에서 색상은 레드이다.", "-n", "2", "--seed", "3", "--device", "cpu",
+          "--out", "outs"])
+    meta = json.loads((tmp_path / "outs" / "상의에서-색상은-레드이다" / "metadata.json")
+                      .read_text(encoding="utf-8"))
+    assert meta["checkpoint"] == str(Path("runs") / "new")
+    assert meta["run"]["checkpoint_path"].endswith("step-0000007")
+    # the same call through the Python API, from the checkpoint directory, gives the same codes
+    from kodalle_cli.generate import SampleConfig, sample
+
+    res = sample(SampleConfig(["상의에서 색상은 레드이다."], n=2, seed=3, device="cpu", out=None,
+                              checkpoint=runs / "new" / "checkpoints" / "step-0000007",
+                              progress=False))
+    import numpy as np
+
+    saved = np.load(tmp_path / "outs" / "상의에서-색상은-레드이다" / "codes.npy")
+    assert np.array_equal(saved, res[0].codes.numpy())
+
+
+def test_sample_from_a_dalle_pytorch_pt(tiny_sampler, tiny_klue, tmp_path):
+    from kodalle_cli.generate import SampleConfig, sample
+    from kodalle_cli.model.convert import save_dalle_pytorch_checkpoint
+
+    pt = tmp_path / "kodalle.pt"
+    save_dalle_pytorch_checkpoint(tiny_sampler.model, pt)
+    tiny_sampler.vqgan.save(tmp_path / "vq")
+    cfg = dict(captions=["상의에서 색상은 레드이다."], n=2, seed=3, device="cpu", out=None,
+               progress=False)
+    with pytest.raises(Exception, match="--backbone|--vqgan"):
+        sample(SampleConfig(checkpoint=pt, **cfg))
+    from_pt = sample(SampleConfig(checkpoint=pt, backbone=str(tiny_klue),
+                                  vqgan=str(tmp_path / "vq"), **cfg))
+    direct = sample(SampleConfig(**cfg), tiny_sampler)
+    assert torch.equal(from_pt[0].codes, direct[0].codes)
