@@ -328,12 +328,17 @@ def test_output_inside_the_source_is_not_read_as_input(tmp_path, kf):
     assert m1["samples"] == m2["samples"] == 12 and m2["skipped"] == []
 
 
-def test_same_inputs_give_byte_identical_shards_with_any_worker_count(tmp_path, kf):
+def test_same_inputs_give_byte_identical_shards_with_any_worker_count(tmp_path, kf, monkeypatch):
     m1 = run(kf, tmp_path / "one", shard_size=5, val_fraction=0.2, workers=1)
+    monkeypatch.setattr(prep, "PARALLEL_SCAN_MIN", 1)  # labels read in the workers too
     m2 = run(kf, tmp_path / "two", shard_size=5, val_fraction=0.2, workers=2)
     assert tar_bytes(tmp_path / "one") == tar_bytes(tmp_path / "two")
     assert len(tar_bytes(tmp_path / "one")) == len(m1["shards"]) >= 3
     assert m1["shards"] == m2["shards"] and m1["skipped"] == m2["skipped"] == []
+    (kf / "images" / "000003.jpg").write_bytes(b"broken")
+    with pytest.raises(KodalleError, match="000003.jpg: unreadable image"):
+        run(kf, tmp_path / "strict", shard_size=5, workers=2, strict=True)
+    assert not list((tmp_path / "strict").glob(".*"))  # no temporary files left behind
 
 
 def test_cli_prepare(tmp_path, kf, capsys):

@@ -20,6 +20,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from kodalle_cli.data.sources import FORMATS, Candidate, Skip, scan
 from kodalle_cli.errors import KodalleError, UsageError
 
 CROP_MODES = ("none", "garments")
+PARALLEL_SCAN_MIN = 2000  # labels read by the worker processes from this many on
 # options that change what a shard holds (a resumed run must match them)
 _CONTENT_OPTIONS = ("caption_style", "include_style", "caption_pick", "crop", "crop_margin",
                     "image_size", "resize", "val_fraction", "shard_size", "max_pixels")
@@ -340,25 +342,56 @@ def _progress(enabled: bool, total: int):
     return progress
 
 
+class _Workers:
+    """A spawn-safe process pool, started on first use; a crashed worker fails the run
+    (BrokenProcessPool) instead of hanging it."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.executor: ProcessPoolExecutor | None = None
+        self.queue = None
+
+    def get(self, n: int | None = None) -> ProcessPoolExecutor:
+        if self.executor is None:
+            ctx = mp.get_context("spawn")
+            self.queue = ctx.Queue()
+            self.executor = ProcessPoolExecutor(
+                max_workers=min(self.n, n or self.n), mp_context=ctx,
+                initializer=_init_worker, initargs=(self.queue,),
+            )
+        return self.executor
+
+    def reports(self, timeout: float = 0.0) -> list[tuple[int, int]]:
+        out = []
+        while self.queue is not None:
+            try:
+                out.append(self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return out
+
+    def close(self, kill: bool = False) -> None:
+        if self.executor is None:
+            return
+        if kill:  # stop the shards in flight now (their temporary files are removed)
+            for proc in list((getattr(self.executor, "_processes", None) or {}).values()):
+                proc.terminate()
+        self.executor.shutdown(wait=True, cancel_futures=kill)
+        self.executor = None
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Write the shards for ``cfg`` and ``manifest.json``; returns the manifest."""
     cfg.validate()
     cfg.source = Path(cfg.source)
     cfg.out = Path(cfg.out)
-    workers = cfg.workers or os.cpu_count() or 1
-    pool = None
-    progress_q = None
+    workers = _Workers(cfg.workers or os.cpu_count() or 1)
     try:
-        if workers > 1:
-            ctx = mp.get_context("spawn")
-            progress_q = ctx.Queue()
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(progress_q,))
-
         def map_fn(fn, items):
             items = list(items)
-            if pool is None or len(items) < 2000:
+            if workers.n <= 1 or len(items) < PARALLEL_SCAN_MIN:
                 return map(fn, items)
-            return pool.imap(fn, items, chunksize=256)
+            return workers.get().map(fn, items, chunksize=256)
 
         fmt, cands, scan_skips = scan(
             cfg.source, cfg.format, cfg.caption_pick, map_fn, exclude=cfg.out
@@ -393,42 +426,28 @@ def prepare(cfg: PrepareConfig) -> dict:
                 skipped_n += bad
                 progress.update(bar, advance=ok + bad, skipped=skipped_n)
 
-            if pool is None:
+            if workers.n <= 1 or len(todo) <= 1:
                 for t in todo:
                     done[t.name] = build_shard(t, cfg, report)
             else:
-                results = pool.imap_unordered(_worker_task, [(t, cfg) for t in todo])
-                pending = len(todo)
+                executor = workers.get(len(todo))
+                pending = {executor.submit(_worker_task, (t, cfg)) for t in todo}
                 while pending:
-                    try:
-                        stats = results.next(timeout=0.1)
+                    finished, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        stats = future.result()
                         done[stats["shard"]] = stats
-                        pending -= 1
-                    except mp.TimeoutError:
-                        pass
-                    while True:
-                        try:
-                            ok, bad = progress_q.get_nowait()
-                        except queue.Empty:
-                            break
+                    for ok, bad in workers.reports():
                         report(ok, bad)
-                while True:  # the last reports
-                    try:
-                        report(*progress_q.get(timeout=0.05))
-                    except queue.Empty:
-                        break
+                for ok, bad in workers.reports(timeout=0.05):  # the last reports
+                    report(ok, bad)
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-            pool = None
-            if cfg.out.is_dir():
-                remove_stale_temporaries(cfg.out)
+        workers.close(kill=True)
+        if cfg.out.is_dir():
+            remove_stale_temporaries(cfg.out)
         raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        workers.close()
 
     shard_skips = [s for t in tasks for s in done[t.name]["skipped"]]
     skipped = [s.as_dict() for s in scan_skips] + shard_skips
