@@ -350,3 +350,23 @@ def test_cli_prepare(tmp_path, kf, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["prepare", str(kf), "--resize", "squash"])
     assert exc.value.code == 2
+
+
+def test_reader_splits_shards_between_workers_and_repeats(tmp_path, kf, monkeypatch):
+    run(kf, tmp_path / "out", shard_size=4)  # 3 shards of 4
+    every = [s.key for s in iter_image_samples(tmp_path / "out")]
+    assert len(every) == 12 and every == sorted(every)
+    monkeypatch.setenv("NUM_WORKERS", "2")  # what a torch DataLoader worker would report
+    parts = []
+    for worker in ("0", "1"):
+        monkeypatch.setenv("WORKER", worker)
+        parts.append([s.key for s in iter_image_samples(tmp_path / "out")])
+    assert sorted(parts[0] + parts[1]) == every and len(parts[0]) == 8
+    monkeypatch.delenv("NUM_WORKERS")
+    monkeypatch.delenv("WORKER")
+    shuffled = [s.key for s in iter_image_samples(
+        str(tmp_path / "out" / "train-*.tar"), shuffle_shards=True, seed=1, repeat=True,
+        limit=30, decode=False)]
+    assert len(shuffled) == 30 and set(shuffled) == set(every)
+    raw = next(iter_image_samples(tmp_path / "out", decode=False)).image
+    assert isinstance(raw, bytes) and raw[:2] == b"\xff\xd8"
