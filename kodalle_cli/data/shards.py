@@ -117,8 +117,11 @@ class ImageSample:
     shard: str = ""
 
 
-def shard_paths(source: str | Path | Sequence[str | Path], split: str = "train") -> list[Path]:
+def shard_paths(
+    source: str | Path | Sequence[str | Path], split: str | None = "train"
+) -> list[Path]:
     """The shards of ``split`` in ``source`` (directory, glob, tar file or list), sorted.
+    ``split`` only filters a directory (None: every shard in it).
 
     Raises KodalleError when there are none."""
     if isinstance(source, list | tuple):
@@ -127,7 +130,7 @@ def shard_paths(source: str | Path | Sequence[str | Path], split: str = "train")
         text = str(source)
         p = Path(text)
         if p.is_dir():
-            paths = sorted(p.glob(f"{split}-*.tar"))
+            paths = sorted(p.glob(f"{split}-*.tar" if split else "*.tar"))
         elif any(ch in text for ch in "*?["):
             paths = [Path(x) for x in sorted(glob.glob(text))]
         else:
@@ -142,7 +145,7 @@ def shard_paths(source: str | Path | Sequence[str | Path], split: str = "train")
 
 def iter_image_samples(
     source: str | Path | Sequence[str | Path],
-    split: str = "train",
+    split: str | None = "train",
     *,
     decode: bool = True,
     shuffle_shards: bool = False,
