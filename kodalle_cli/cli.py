@@ -203,25 +203,46 @@ def train(
 @train_app.command("vqgan")
 def train_vqgan(
     data: Path = typer.Option(Path("shards"), help="Image shards from `kodalle prepare`."),
-    out: Path = typer.Option(Path("runs/vqgan"), help="Run directory."),
-    ch: int = typer.Option(128),
-    ch_mult: str = typer.Option("1,1,2,2,4"),
-    n_embed: int = typer.Option(16384),
-    embed_dim: int = typer.Option(256),
-    resolution: int = typer.Option(256),
-    lpips_weights: Path | None = typer.Option(None, help="LPIPS weights (else no perceptual loss)."),
-    disc_start: int | None = typer.Option(None, help="Step at which the discriminator starts."),
-    lr: float = typer.Option(4.5e-6),
-    batch_size: int = typer.Option(8),
-    max_steps: int = typer.Option(10000),
+    out: Path = typer.Option(Path("runs/vqgan"), "--out", "-o", help="Run directory."),
+    ch: int = typer.Option(128, help="Base channels (a multiple of 32)."),
+    ch_mult: str = typer.Option("1,1,2,2,4", help="Channel multipliers; f = 2^(len-1)."),
+    n_embed: int = typer.Option(16384, help="Codebook size."),
+    embed_dim: int = typer.Option(256, help="Code vector size."),
+    resolution: int = typer.Option(256, help="Training image side in pixels."),
+    num_res_blocks: int = typer.Option(2, help="Residual blocks per level."),
+    lpips_weights: Path | None = typer.Option(
+        None, help="taming LPIPS state_dict (.pth/.safetensors); else no perceptual loss."),
+    disc_start: int | None = typer.Option(None, help="Step at which the discriminator starts "
+                                          "(default: no discriminator)."),
+    disc_weight: float = typer.Option(0.8, help="Discriminator loss weight."),
+    lr: float = typer.Option(3.6e-5, help="Adam learning rate (taming: 4.5e-6 x batch)."),
+    batch_size: int = typer.Option(8, min=1),
+    max_steps: int = typer.Option(10000, min=1),
+    save_every: int = typer.Option(1000, min=1, help="Checkpoint every N steps."),
+    restart_after: int = typer.Option(50, min=1, help="Restart codes unused for N steps."),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
-    """Train a VQGAN image tokenizer (taming-compatible checkpoint).
+    """Train a VQGAN image tokenizer (taming-compatible .ckpt + .yaml, model.safetensors).
 
     Example: kodalle train vqgan --data shards --out runs/vqgan --resolution 256
     """
-    not_built("train vqgan")
+    from kodalle_cli.vqgan.train import VQGANTrainConfig
+    from kodalle_cli.vqgan.train import train_vqgan as run_train_vqgan
+
+    try:
+        mult = tuple(int(m) for m in ch_mult.split(","))
+    except ValueError:
+        raise UsageError(f"--ch-mult must be integers like 1,1,2,2,4, got {ch_mult!r}") from None
+    run = run_train_vqgan(VQGANTrainConfig(
+        data=data, out=out, ch=ch, ch_mult=mult, n_embed=n_embed, embed_dim=embed_dim,
+        resolution=resolution, num_res_blocks=num_res_blocks, lpips_weights=lpips_weights,
+        disc_start=disc_start, disc_weight=disc_weight, lr=lr, batch_size=batch_size,
+        max_steps=max_steps, save_every=save_every, restart_after=restart_after,
+        resume=resume, seed=seed, device=device,
+    ))
+    console.print(f"VQGAN written to {run} (use it with --vqgan {run})", soft_wrap=True)
 
 
 @train_app.command("reranker")
