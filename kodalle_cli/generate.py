@@ -448,8 +448,9 @@ def sample(config: SampleConfig, sampler: Sampler | None = None,
         mine = [images[(c, i)] for i in order]
         scores = None
         if reranker is not None:
-            scores = [float(x) for x in reranker.score(mine, [caption])[:, 0]]
-            order = sorted(order, key=lambda i: -scores[i])[: config.keep or config.n]
+            from kodalle_cli.rerank.rank import keep_best
+
+            order, scores = keep_best(reranker, mine, caption, config.keep)
         caption_codes = codes[c * config.n : (c + 1) * config.n]
         meta = _metadata(config, settings, sampler, model, enc, seed, c, order, scores,
                          seconds, device, dtype)
@@ -497,7 +498,7 @@ def _metadata(config, settings, sampler, model, enc, seed, c, order, scores, sec
 
 def _load_reranker(path: Path, device: torch.device):
     try:
-        from kodalle_cli.rerank.model import load_reranker
+        from kodalle_cli.rerank.rank import load_reranker
     except ImportError as exc:
         raise KodalleError(f"--rerank is not available in this build: {exc}") from exc
     return load_reranker(path, device=device)

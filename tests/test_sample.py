@@ -394,3 +394,29 @@ def test_sample_from_a_dalle_pytorch_pt(tiny_sampler, tiny_klue, tmp_path):
                                   vqgan=str(tmp_path / "vq"), **cfg))
     direct = sample(SampleConfig(**cfg), tiny_sampler)
     assert torch.equal(from_pt[0].codes, direct[0].codes)
+
+
+def test_rerank_keeps_the_best_and_records_every_score(tiny_sampler, tiny_klue, tmp_path):
+    pytest.importorskip("kodalle_cli.rerank.rank")
+    from kodalle_cli.backbone import get_backbone
+    from kodalle_cli.generate import sample
+    from kodalle_cli.rerank.model import build_reranker, save_reranker
+
+    torch.manual_seed(0)
+    reranker = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=16,
+                              text_seq_len=16)
+    save_reranker(reranker, tmp_path / "reranker")
+    res = sample(_config(tmp_path, n=4, captions=["상의에서 색상은 레드이다."],
+                         rerank=tmp_path / "reranker", keep=2), tiny_sampler)
+    meta = res[0].metadata
+    scores = meta["rerank_scores"]
+    assert len(scores) == 4 and len(res[0].images) == 2
+    kept = [img["image_index"] for img in meta["images"]]
+    assert kept == sorted(range(4), key=lambda i: -scores[i])[:2]
+    assert [img["rerank_score"] for img in meta["images"]] == [scores[i] for i in kept]
+    files = sorted(p.name for p in res[0].directory.glob("0*.png"))
+    assert files == ["0000.png", "0001.png"]
+    # the kept images are the ones generated for those indices
+    unranked = sample(_config(tmp_path, n=4, captions=["상의에서 색상은 레드이다."], out=None),
+                      tiny_sampler)
+    assert torch.equal(res[0].codes, unranked[0].codes[kept])
