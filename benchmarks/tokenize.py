@@ -10,13 +10,19 @@ Prints wall-clock images/s and images per CPU-second of this process.
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
+import sys
 
-import torch
+# this file is named like the stdlib's tokenize module: keep its folder off the import path
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
-from kodalle_cli.vqgan import VQGAN, VQGANConfig
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from kodalle_cli.vqgan import VQGAN, VQGANConfig  # noqa: E402
 
 
 def measure(fn, images: torch.Tensor, repeats: int, device: torch.device) -> tuple[list, float]:
