@@ -1,0 +1,187 @@
+"""Training the reranker: batches from image shards, the contrastive step, retrieval accuracy.
+
+Captions in a domain data set repeat (K-Fashion captions are built from labels), so two
+images in a batch often share one caption: :func:`collate` records which captions are equal
+and the loss (:func:`kodalle_cli.rerank.model.contrastive_loss`) counts them all as positives.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kodalle_cli.rerank.model import (
+    Reranker,
+    preprocess_images,
+    tokenize_captions,
+)
+from kodalle_cli.train.trainer import Task
+
+
+@dataclass
+class RerankerTrainConfig:
+    backbone: str
+    backbone_path: str | None = None
+    data: str = "shards"
+    out: str = "runs/reranker"
+    image_size: int = 224
+    embed_dim: int = 256
+    text_seq_len: int = 64
+    image_weights: str | None = None  # EfficientNet-B0 weights file (else cache, else random)
+    max_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    shuffle_buffer: int = 1000
+    eval_every: int = 200
+    eval_samples: int = 256
+    save_every: int = 500
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    resume: bool = False
+
+
+# ---- data -------------------------------------------------------------------------------------
+def iter_pairs(data, split: str, *, repeat: bool, seed: int = 0, shuffle_buffer: int = 0,
+               limit: int | None = None, decode: bool = True) -> Iterator[tuple[object, str]]:
+    """(image, caption) pairs from image shards, optionally through a shuffle buffer; the
+    image is PIL, or the JPEG bytes with ``decode=False`` (:func:`preprocess_images` takes
+    both)."""
+    from kodalle_cli.data.shards import iter_image_samples
+
+    samples = iter_image_samples(
+        data, split=split, shuffle_shards=repeat, seed=seed, repeat=repeat, limit=limit,
+        decode=decode,
+    )
+    if shuffle_buffer <= 1:
+        for s in samples:
+            yield s.image, s.caption
+        return
+    rng = random.Random(seed)
+    buffer: list = []
+    for s in samples:
+        buffer.append((s.image, s.caption))
+        if len(buffer) >= shuffle_buffer:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def collate(model: Reranker, images: Sequence, captions: Sequence[str]) -> dict:
+    """A training batch: normalised pixels, token ids, mask, and the caption-equality matrix."""
+    enc = tokenize_captions(model.tokenizer, captions, model.config.text_seq_len)
+    index: dict[str, int] = {}
+    groups = torch.tensor([index.setdefault(c, len(index)) for c in captions])
+    return {
+        "pixels": preprocess_images(list(images), model.config.image_size, model.config.resize),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "same": groups[:, None] == groups[None, :],
+    }
+
+
+# ---- validation -------------------------------------------------------------------------------
+@torch.no_grad()
+def retrieval_accuracy(model: Reranker, images: Sequence, captions: Sequence[str]) -> dict:
+    """Top-1 retrieval among the given pairs. A retrieved caption (image) counts as right when
+    its text equals the true caption, so repeated captions are not counted as misses."""
+    sims = model.score(images, captions)  # [images, captions]
+    captions = list(captions)
+    i2t = sum(captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist()))
+    t2i = sum(captions[i] == captions[j] for j, i in enumerate(sims.argmax(0).tolist()))
+    n = len(captions)
+    distinct = len(set(captions))
+    return {
+        "val_image_to_text": i2t / n,
+        "val_text_to_image": t2i / n,
+        "val_pairs": n,
+        "val_chance": 1 / distinct if distinct else 0.0,
+    }
+
+
+def load_val_pairs(data, count: int, split: str = "val") -> tuple[list, list[str]]:
+    """Up to ``count`` validation pairs (falls back to nothing when there is no val split)."""
+    from kodalle_cli.errors import KodalleError
+
+    try:
+        pairs = list(iter_pairs(data, split, repeat=False, limit=count))
+    except KodalleError:
+        return [], []
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# ---- the task for the shared trainer ---------------------------------------------------------
+class RerankerTask(Task):
+    """``kodalle train reranker`` as a :class:`kodalle_cli.train.trainer.Task`."""
+
+    def __init__(self, model: Reranker, cfg: RerankerTrainConfig):
+        self.model = model
+        self.cfg = cfg
+        self.val_images, self.val_captions = load_val_pairs(cfg.data, cfg.eval_samples)
+
+    def train_batches(self, start: int, rank: int, world_size: int) -> Iterator[dict]:
+        # the sample order depends only on the seed, so resuming skips `start` batches of
+        # undecoded samples (iter_image_samples splits shards across ranks by itself)
+        pairs = iter_pairs(self.cfg.data, "train", repeat=True, seed=self.cfg.seed,
+                           shuffle_buffer=self.cfg.shuffle_buffer, decode=False)
+        for _ in range(start * self.cfg.batch_size):
+            next(pairs)
+        while True:
+            chunk = [next(pairs) for _ in range(self.cfg.batch_size)]
+            yield collate(self.model, [c[0] for c in chunk], [c[1] for c in chunk])
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, dict]:
+        loss, _ = model(batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                        batch["same"])
+        return loss, {"temperature": 1.0 / float(self.model.logit_scale.detach().exp())}
+
+    def batch_size(self, batch) -> int:
+        return len(batch["pixels"])
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        if not self.val_captions:
+            return {}
+        return retrieval_accuracy(model, self.val_images, self.val_captions)
+
+
+def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
+    """Train a reranker on image shards with the shared trainer, then write the reranker
+    directory (config.json, text/, model.safetensors) into ``cfg.out``, beside the run's
+    checkpoints and metrics.csv. Returns the final validation metrics (empty without a val
+    split) and where things are."""
+    from kodalle_cli.backbone import get_backbone
+    from kodalle_cli.data.shards import shard_paths
+    from kodalle_cli.errors import UsageError
+    from kodalle_cli.rerank.model import build_reranker, save_reranker
+    from kodalle_cli.train.trainer import TrainerConfig, train
+
+    if cfg.max_steps < 1 or cfg.batch_size < 2:
+        raise UsageError("--max-steps must be >= 1 and --batch-size >= 2 (contrastive loss)")
+    shard_paths(cfg.data, "train")  # one clear error before any model is loaded
+    torch.manual_seed(cfg.seed)
+    model = build_reranker(
+        get_backbone(cfg.backbone, cfg.backbone_path), image_size=cfg.image_size,
+        embed_dim=cfg.embed_dim, text_seq_len=cfg.text_seq_len, image_weights=cfg.image_weights,
+    )
+    task = RerankerTask(model, cfg)
+    trainer_cfg = TrainerConfig(
+        out=Path(cfg.out), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+        grad_clip=cfg.grad_clip, precision=cfg.precision, device=cfg.device, seed=cfg.seed,
+        save_every=cfg.save_every, keep_last=cfg.keep_last, eval_every=cfg.eval_every,
+        sample_every=0, resume=cfg.resume, progress=progress,
+    )
+    result = train(task, trainer_cfg)
+    model.eval()
+    final = task.evaluate(model, result.step)
+    save_reranker(model, cfg.out)
+    return {"step": result.step, "loss": result.last_loss, "out": str(cfg.out),
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None, **final}
