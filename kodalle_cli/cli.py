@@ -390,6 +390,7 @@ def score(
         inception_weights=str(inception_weights) if inception_weights else None,
         reranker=str(reranker) if reranker else None, out=str(out) if out else None,
         image_size=image_size, batch_size=batch_size, seed=seed, device=device,
+        progress=not as_json,
     ))
     if as_json:
         print(json.dumps(result, ensure_ascii=False, indent=2))

@@ -52,6 +52,7 @@ class ScoreConfig:
     batch_size: int = 16
     seed: int = 0
     device: str = "auto"
+    progress: bool = True  # generation progress bar (on stdout: off for --json)
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def generate_images(cfg: ScoreConfig, captions: list[str]) -> list:
 
     results = sample(SampleConfig(
         captions=list(captions), n=1, checkpoint=Path(cfg.checkpoint), out=None,
-        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+        batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
     ))
     return [r.images[0] for r in results]
 

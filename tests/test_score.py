@@ -80,7 +80,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_farther(weight
     assert same["is_mean"] >= 1.0
 
 
-def test_score_images_writes_score_json_equal_to_torch_fidelity_cli(
+def test_score_images_made_elsewhere_writes_score_json(
         weights, val_shards, tmp_path, capsys):
     from kodalle_cli.cli import main
 
@@ -106,6 +106,51 @@ def test_score_images_writes_score_json_equal_to_torch_fidelity_cli(
     assert saved["metrics"]["reranker_samples"] == N
     pngs = sorted((out / "generated").glob("*.png"))
     assert len(pngs) == N and Image.open(pngs[0]).size == (SIZE, SIZE)
+    assert len(list((out / "reference").glob("*.png"))) == N
+
+
+def tiny_run(run, tokenizer_dir):
+    """A DALLE run directory (config, tokenizer, VQGAN, one checkpoint) with random weights."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from kodalle_cli.model.dalle import DALLE, DALLEConfig
+    from kodalle_cli.runs import write_config
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig(n_embed=24, embed_dim=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                              attn_resolutions=(), resolution=8, z_channels=32)).eval()
+    cfg = DALLEConfig(num_text_tokens=len(tokenizer), num_image_tokens=24,
+                      image_fmap_size=vqgan.fmap_size, dim=32, depth=2, heads=2, dim_head=16,
+                      text_seq_len=24, pad_id=tokenizer.pad_token_id, bos_id=0)
+    model = DALLE(cfg).eval()
+    write_config(run, {"kind": "dalle", "model": cfg.to_dict()})
+    tokenizer.save_pretrained(run / "tokenizer")
+    vqgan.save(run / "vqgan")
+    ckpt = run / "checkpoints" / "step-0000001"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(ckpt / "model.safetensors"))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    (run / "latest").write_text("checkpoints/step-0000001")
+    return run
+
+
+def test_score_a_run_end_to_end_and_fid_equals_torch_fidelity_cli(
+        weights, val_shards, tiny_klue, tmp_path, capsys):
+    from kodalle_cli.cli import main
+
+    run = tiny_run(tmp_path / "runs" / "tiny", tiny_klue)
+    main(["score", "--checkpoint", str(run), "--data", str(val_shards), "--num-samples", str(N),
+          "--inception-weights", str(weights), "--device", "cpu", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    out = run / "score"
+    assert json.loads((out / "score.json").read_text()) == result
+    assert result["checkpoint"] == str(run) and result["num_samples"] == N
+    assert result["image_size"] == 8  # the tiny VQGAN's images; the reference is resized to it
+    assert {Image.open(p).size for p in (out / "reference").glob("*.png")} == {(8, 8)}
 
     # torch-fidelity's own command line on the same two folders gives the same FID
     cmd = [sys.executable, "-m", "torch_fidelity.fidelity", "--cpu", "--silent", "--json",
@@ -113,7 +158,7 @@ def test_score_images_writes_score_json_equal_to_torch_fidelity_cli(
            "--input2", str(out / "reference"), "--feature-extractor-weights-path", str(weights)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
     theirs = json.loads(proc.stdout)["frechet_inception_distance"]
-    assert saved["metrics"]["fid"] == pytest.approx(theirs, rel=1e-6, abs=1e-9)
+    assert result["metrics"]["fid"] == pytest.approx(theirs, rel=1e-6, abs=1e-9)
 
 
 def tiny_reranker(out):
