@@ -25,8 +25,9 @@ lint: install
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
+# Run as modules: benchmarks/tokenize.py would hide the standard library's tokenize.
 bench: install
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) -m benchmarks.$$(basename $$b .py) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
