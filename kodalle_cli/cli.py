@@ -433,7 +433,9 @@ def demo(
 
     Example: kodalle demo --out demo
     """
-    not_built("demo")
+    from kodalle_cli.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, quick=quick))
 
 
 # ---- entry point -----------------------------------------------------------------------------
