@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -47,6 +48,15 @@ def shifted(image: Image.Image) -> Image.Image:
     """The same picture, darker and tinted: a different distribution."""
     arr = np.asarray(image).astype(np.int16)
     return Image.fromarray(np.clip(arr * 0.5 + np.array([60, 0, 30]), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The CI machine's two cores are shared: one intra-op thread avoids threads fighting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +166,8 @@ def test_score_a_run_end_to_end_and_fid_equals_torch_fidelity_cli(
     cmd = [sys.executable, "-m", "torch_fidelity.fidelity", "--cpu", "--silent", "--json",
            "--fid", "--no-cache", "--save-cpu-ram", "--input1", str(out / "generated"),
            "--input2", str(out / "reference"), "--feature-extractor-weights-path", str(weights)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600, env=env)
     theirs = json.loads(proc.stdout)["frechet_inception_distance"]
     assert result["metrics"]["fid"] == pytest.approx(theirs, rel=1e-6, abs=1e-9)
 

@@ -149,7 +149,8 @@ class RerankerTask(Task):
     def evaluate(self, model, step: int) -> dict[str, float]:
         if not self.val_captions:
             return {}
-        return retrieval_accuracy(model, self.val_images, self.val_captions)
+        self.last_eval = (step, retrieval_accuracy(model, self.val_images, self.val_captions))
+        return self.last_eval[1]
 
 
 def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
@@ -181,7 +182,8 @@ def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
     )
     result = train(task, trainer_cfg)
     model.eval()
-    final = task.evaluate(model, result.step)
+    last = getattr(task, "last_eval", None)  # the trainer evaluates at the last step
+    final = last[1] if last and last[0] == result.step else task.evaluate(model, result.step)
     save_reranker(model, cfg.out)
     return {"step": result.step, "loss": result.last_loss, "out": str(cfg.out),
             "checkpoint": str(result.checkpoint) if result.checkpoint else None, **final}
