@@ -198,7 +198,9 @@ def fidelity_settings(n_generated: int, n_reference: int) -> dict:
     return {
         "isc": True, "fid": True, "kid": True,
         "feature_extractor": "inception-v3-compat",
-        "isc_splits": max(1, min(10, n_generated)),
+        # 10 splits (the usual) once there are 500+ images; fewer for small sets, since a
+        # split of one image always scores exactly 1
+        "isc_splits": max(1, min(10, n_generated // 50)),
         "kid_subsets": 100,
         "kid_subset_size": min(1000, n_generated, n_reference),
         "samples_shuffle": True,
@@ -308,6 +310,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         paths, gen_captions = read_image_folder(cfg.images, cfg.num_samples)
         generated = paths
         source = {"images": str(cfg.images)}
+        ref_images = ref_images[:len(generated)]  # equal set sizes: FID's bias depends on N
     from kodalle_cli.data.images import open_image
 
     first = generated[0] if hasattr(generated[0], "size") else open_image(generated[0])[0]

@@ -206,3 +206,24 @@ def test_rerank_command_refuses_a_missing_reranker(tmp_path, capsys):
         main(["rerank", str(image), "--caption", "x", "--reranker", str(tmp_path / "none")])
     assert exit_info.value.code == 1
     assert "not a reranker directory" in capsys.readouterr().err
+
+
+def test_train_reranker_command_resumes_its_run(shards, backbone_dir, tmp_path):
+    from kodalle_cli.cli import main
+    from kodalle_cli.train.trainer import read_metrics
+
+    out = tmp_path / "run"
+    args = ["train", "reranker", "--backbone", str(backbone_dir), "--data", str(shards),
+            "--out", str(out), "--image-size", "32", "--embed-dim", "8", "--batch-size", "4",
+            "--eval-every", "2", "--eval-samples", "8", "--save-every", "2", "--warmup-steps",
+            "1", "--device", "cpu", "--precision", "fp32"]
+    main([*args, "--max-steps", "2"])
+    assert (out / "checkpoints" / "step-0000002").is_dir()
+    first = load_reranker(out).state_dict()
+    main([*args, "--max-steps", "4", "--resume"])
+    rows = read_metrics(out / "metrics.csv")
+    val_steps = {r["step"] for r in rows if r["split"] == "val"}
+    assert {2, 4} <= val_steps <= {0, 2, 4}  # (the trainer may also measure step 0)
+    assert json.loads((out / "config.json").read_text())["image_size"] == 32
+    after = load_reranker(out).state_dict()
+    assert not torch.equal(first["image_proj.weight"], after["image_proj.weight"])
