@@ -52,20 +52,32 @@ def tiny(shards, out, **kw):
     return VQGANTrainConfig(**base)
 
 
+def train_rows(out, split="train"):
+    """metrics.csv (tidy) as {metric: {step: value}} for one split."""
+    table = {}
+    for r in csv.DictReader(open(out / "metrics.csv")):
+        if r["split"] == split:
+            table.setdefault(r["metric"], {})[int(r["step"])] = float(r["value"])
+    return table
+
+
 def test_train_vqgan_writes_taming_compatible_outputs(shards, tmp_path):
     out = tmp_path / "vqgan"
     with pytest.warns(UserWarning, match="without the perceptual loss"):
         train_vqgan(tiny(shards, out, disc_start=4))
     for name in ("model.safetensors", "config.yaml", "vqgan.ckpt", "vqgan.yaml",
-                 "reconstructions.png", "metrics.csv", "checkpoints/latest"):
+                 "reconstructions.png", "metrics.csv", "latest",
+                 "checkpoints/step-0000008/discriminator.safetensors"):
         assert (out / name).is_file(), name
     assert Image.open(out / "reconstructions.png").size[1] == 2 * 32 + 3 * 2  # two rows
 
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
-    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
-    assert float(rows[-1]["rec_loss"]) < float(rows[0]["rec_loss"])
-    assert all(0 <= float(r["dead_share"]) <= 1 and float(r["perplexity"]) >= 1 for r in rows)
-    assert rows[-1]["d_loss"] != "" and rows[0]["d_loss"] == ""  # discriminator from step 4
+    m = train_rows(out)
+    assert sorted(m["rec_loss"]) == [1, 2, 4, 6, 8]
+    assert m["rec_loss"][8] < m["rec_loss"][1]
+    assert all(0 <= v <= 1 for v in m["dead_share"].values())
+    assert all(v >= 1 for v in m["perplexity"].values())
+    assert sorted(m["d_loss"]) == [6, 8]  # the discriminator steps from step 4 on
+    assert "rec_loss" in train_rows(out, "val")  # reconstruction of the val images
 
     ours = load_vqgan(out)
     images = torch.stack([torch.from_numpy(np.array(blob_image(np.random.default_rng(s))))
@@ -90,17 +102,32 @@ def test_train_vqgan_writes_taming_compatible_outputs(shards, tmp_path):
     assert load_vqgan(out / "vqgan.ckpt").identity() == ours.identity()
 
 
-def test_train_vqgan_resumes_from_its_checkpoint(shards, tmp_path):
-    out = tmp_path / "vqgan"
+def test_train_vqgan_resume_equals_an_uninterrupted_run(shards, tmp_path):
+    """Stopped at step 4 and run again to 6: the same VQGAN, discriminator and metrics as
+    one run to 6 (optimizers, codebook usage, RNG and data position are restored)."""
+    from safetensors.torch import load_file
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    kw = dict(disc_start=2, restart_after=2, save_every=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        train_vqgan(tiny(shards, out, max_steps=4))
         with pytest.raises(KodalleError, match="--resume"):
-            train_vqgan(tiny(shards, out, max_steps=6))
-        train_vqgan(tiny(shards, out, max_steps=6, resume=True))
-    steps = [int(r["step"]) for r in csv.DictReader(open(out / "metrics.csv"))]
-    assert steps == [2, 4, 6]
-    state = json.loads((out / "checkpoints/step-0000006/trainer_state.json").read_text())
+            train_vqgan(tiny(shards, split, max_steps=4, resume=True))  # nothing to resume
+        train_vqgan(tiny(shards, whole, max_steps=6, **kw))
+        train_vqgan(tiny(shards, split, max_steps=4, **kw))
+        train_vqgan(tiny(shards, split, max_steps=6, resume=True, **kw))
+        with pytest.raises(KodalleError, match="architecture"):
+            train_vqgan(tiny(shards, split, max_steps=8, n_embed=64))
+    timing = ("samples_per_s", "tokens_per_s")
+    a, b = train_rows(whole), train_rows(split)
+    assert {k: v for k, v in a.items() if k not in timing} == {
+        k: v for k, v in b.items() if k not in timing}
+    assert sorted(b["d_loss"]) == [4, 6] and max(b["restarted"].values()) > 0
+    for name in ("model.safetensors", "discriminator.safetensors"):
+        a = load_file(whole / "checkpoints/step-0000006" / name)
+        b = load_file(split / "checkpoints/step-0000006" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    state = json.loads((split / "checkpoints/step-0000006/trainer_state.json").read_text())
     assert state["step"] == 6
 
 

@@ -26,7 +26,14 @@ The Task interface (subclass :class:`Task`; only the first four are required)::
     task.evaluate(model, step)            -> {name: float}, rank 0 only, under no_grad and
                                           eval mode (e.g. validation loss); default {}
     task.sample(model, step, out_dir)     rank 0 only, e.g. a PNG grid in out_dir; default none
+    task.after_step(model, step, optimizer)  after each optimizer step taken (finite loss),
+                                          `step` counted after it: task-owned updates (a
+                                          second optimizer such as a GAN discriminator's,
+                                          codebook restarts). Returns {name: float|tensor}
+                                          logged with the step's metrics, or None
     task.save_extra(ckpt_dir) / task.load_extra(ckpt_dir)   more files in a checkpoint
+                                          (e.g. that second optimizer); load_extra is called
+                                          on resume, after the weights and the optimizer
     task.epoch_samples                    samples per epoch (for --epochs), or None
 
 Run directory written here (rank 0 only; the task's own files are its business)::
@@ -117,6 +124,9 @@ class Task:
         return {}
 
     def sample(self, model: nn.Module, step: int, out_dir: Path) -> None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int, optimizer) -> dict | None:
         return None
 
     def save_extra(self, ckpt_dir: Path) -> None:
@@ -432,6 +442,7 @@ def train(task: Task, cfg: TrainerConfig, dist: Dist | None = None,
         optimizer.load_state_dict(
             torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
         )
+        task.load_extra(ckpt)
     train_model = model
     if dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
@@ -529,6 +540,7 @@ def train(task: Task, cfg: TrainerConfig, dist: Dist | None = None,
                 state["bad_steps_total"] += 1
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            extra = task.after_step(model, step, optimizer) if finite else None
             window_samples += n_samples * dist.world_size
             window_tokens += n_tokens * dist.world_size
 
@@ -547,7 +559,8 @@ def train(task: Task, cfg: TrainerConfig, dist: Dist | None = None,
                 values = logged.tolist()
                 last_loss = values[0]
                 entry = {"step": step, "loss": values[0], "lr": lr,
-                         **dict(zip(parts_sum, values[1:], strict=True))}
+                         **dict(zip(parts_sum, values[1:], strict=True)),
+                         **{k: float(v) for k, v in (extra or {}).items()}}
                 history.append(entry)
                 if step % cfg.log_every == 0 or step == max_steps or step == 1:
                     elapsed = max(time.perf_counter() - window_t, 1e-9)

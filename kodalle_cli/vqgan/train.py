@@ -6,34 +6,37 @@ PatchGAN hinge loss with taming's adaptive weight. Codebook usage is tracked eve
 (perplexity, share of dead codes) and codes unused for ``restart_after`` steps are
 restarted from random encoder outputs of the current batch.
 
+Training runs on the shared trainer (:mod:`kodalle_cli.train.trainer`) as a
+:class:`VQGANTask`: checkpoints, exact resume, ``metrics.csv`` and the progress bar are
+the trainer's. The generator (the VQGAN) is the trainer's model and optimizer; the
+discriminator and its optimizer belong to the task, which steps them in ``after_step``
+and saves them with the checkpoint.
+
 The run directory (``--out``)::
 
     model.safetensors + config.yaml   the VQGAN (``load_vqgan(out)``; ``--vqgan out``)
     vqgan.ckpt + vqgan.yaml           the same in taming's Lightning format (+ discriminator)
     reconstructions.png               inputs (top) and reconstructions (bottom)
-    metrics.csv                       one row per logged step
-    checkpoints/step-XXXXXXX/         model.safetensors (VQGAN + loss.discriminator.*),
-                                      optimizer.pt, trainer_state.json; ``latest`` names one
-
-The pieces a trainer needs are functions: :func:`build`, :class:`VQGANLoss` (one
-generator step / one discriminator step), :class:`CodebookMonitor` (usage + restarts),
-:func:`image_batches`, :func:`save_outputs`.
+    metrics.csv                       step,split,metric,value,time (the trainer's)
+    train_config.json                 the options of the run
+    checkpoints/step-XXXXXXX/         model.safetensors (the VQGAN), optimizer.pt, rng.pt,
+                                      trainer_state.json, codebook.pt (usage), and with a
+                                      discriminator discriminator.safetensors + optimizer_d.pt
+    latest                            names the newest checkpoint
 """
 
 from __future__ import annotations
 
-import csv
+import io
 import json
-import math
 import os
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.train.trainer import Task, TrainerConfig, latest_checkpoint, train
 from kodalle_cli.vqgan.load import save_taming_checkpoint, save_vqgan
 from kodalle_cli.vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from kodalle_cli.vqgan.model import VQGAN, VQGANConfig
@@ -64,7 +67,7 @@ class VQGANTrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 2
-    resume: bool = False
+    resume: bool = False  # a checkpoint in `out` is resumed anyway (the trainer's rule)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -85,22 +88,31 @@ class VQGANTrainConfig:
 
 
 # ---- data ------------------------------------------------------------------------------------
-def image_batches(data, batch_size: int, resolution: int, seed: int = 0, split: str = "train"):
+def image_batches(data, batch_size: int, resolution: int, seed: int = 0, split: str = "train",
+                  start: int = 0):
     """Endless batches ``[B, 3, R, R]`` in [-1, 1] from image shards (shards shuffled, random
-    horizontal flips)."""
+    horizontal flips), positioned after ``start`` batches: batch ``i`` is the same whether
+    the iterator started at 0 or at ``i`` (skipped samples are not decoded)."""
+    from PIL import Image
+
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
 
-    rng = random.Random(seed)
-    batch = []
-    for sample in iter_image_samples(data, split, shuffle_shards=True, seed=seed, repeat=True):
-        batch.append(sample.image)
+    samples = iter_image_samples(data, split, decode=False, shuffle_shards=True, seed=seed,
+                                 repeat=True)
+    for _ in range(start * batch_size):
+        next(samples)
+    index, batch = start, []
+    for sample in samples:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            batch.append(im.convert("RGB"))
         if len(batch) == batch_size:
-            x = to_tensor(batch, size=resolution) * 2 - 1
-            flip = torch.tensor([rng.random() < 0.5 for _ in batch])
+            x = to_tensor(batch, size=resolution).mul_(2).sub_(1)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+            flip = torch.rand(batch_size, generator=g) < 0.5
             x[flip] = x[flip].flip(-1)
             yield x
-            batch = []
+            index, batch = index + 1, []
 
 
 def fixed_images(data, n: int, resolution: int) -> torch.Tensor:
@@ -128,11 +140,13 @@ class CodebookMonitor:
         self.restarted = 0
 
     def update(self, codes: torch.Tensor, step: int) -> dict:
+        """Mark the codes of a batch used at ``step``: perplexity of the batch's code
+        distribution and the share of dead codes (tensors: no device sync)."""
         counts = torch.bincount(codes.flatten(), minlength=len(self.last_used)).float()
         self.last_used[counts > 0] = step
         p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum()).item()
-        dead = (step - self.last_used >= self.restart_after).float().mean().item()
+        perplexity = torch.exp(-(p * torch.log(p + 1e-10)).sum())
+        dead = (step - self.last_used >= self.restart_after).float().mean()
         return {"perplexity": perplexity, "dead_share": dead}
 
     @torch.no_grad()
@@ -154,10 +168,18 @@ class CodebookMonitor:
         self.restarted += len(dead)
         return len(dead)
 
+    def state_dict(self) -> dict:
+        return {"last_used": self.last_used.cpu(), "restarted": self.restarted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_used.copy_(state["last_used"])
+        self.restarted = int(state["restarted"])
+
 
 # ---- the loss --------------------------------------------------------------------------------
 class VQGANLoss(torch.nn.Module):
-    """taming's VQLPIPSWithDiscriminator: ``generator_loss`` and ``discriminator_loss``."""
+    """taming's VQLPIPSWithDiscriminator: ``generator_loss`` and ``discriminator_loss``.
+    The logged parts are detached tensors (no device sync)."""
 
     def __init__(self, cfg: VQGANTrainConfig):
         super().__init__()
@@ -174,96 +196,149 @@ class VQGANLoss(torch.nn.Module):
     def generator_loss(self, x, xrec, qloss, step: int, last_layer) -> tuple[torch.Tensor, dict]:
         rec = (x - xrec).abs().mean()
         nll = rec
-        logs = {"rec_loss": rec.item(), "q_loss": qloss.item()}
+        logs = {"rec_loss": rec.detach(), "q_loss": qloss.detach()}
         if self.perceptual is not None:
             p = self.perceptual(x, xrec).mean()
             nll = nll + self.perceptual_weight * p
-            logs["p_loss"] = p.item()
+            logs["p_loss"] = p.detach()
         loss = nll + self.codebook_weight * qloss
         if self.disc_active(step):
             g = -self.discriminator(xrec).mean()
             w = adaptive_weight(nll, g, last_layer, self.disc_weight)
             loss = loss + w * g
-            logs.update(g_loss=g.item(), d_weight=w.item())
-        logs["loss"] = loss.item()
+            logs.update(g_loss=g.detach(), d_weight=w.detach())
         return loss, logs
 
     def discriminator_loss(self, x, xrec) -> tuple[torch.Tensor, dict]:
         d = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(xrec.detach()))
-        return d, {"d_loss": d.item()}
+        return d, {"d_loss": d.detach()}
+
+
+def adam(params, lr: float) -> torch.optim.Adam:
+    """taming's optimizer: Adam, betas 0.5/0.9."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+
+
+# ---- the task --------------------------------------------------------------------------------
+class VQGANTask(Task):
+    """The VQGAN on the shared trainer. ``self.step`` is the number of optimizer steps done
+    (taming's ``global_step`` while a step's loss is computed)."""
+
+    def __init__(self, cfg: VQGANTrainConfig, device: torch.device):
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model = VQGAN(cfg.model_config()).to(device)
+        self.loss_fn = VQGANLoss(cfg).to(device)
+        disc = self.loss_fn.discriminator
+        self.opt_d = adam(disc.parameters(), cfg.lr) if disc is not None else None
+        self.monitor = CodebookMonitor(cfg.n_embed, cfg.restart_after, device)
+        self.step = 0
+        self._last = None  # (x, xrec, features) of the step in progress
+        self._val = None
+
+    def train_batches(self, start, rank, world_size):
+        return image_batches(self.cfg.data, self.cfg.batch_size, self.cfg.resolution,
+                             seed=self.cfg.seed, start=start)
+
+    def batch_size(self, batch):
+        return batch.shape[0]
+
+    def param_groups(self):
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def make_optimizer(self, groups, cfg):
+        return adam(groups, cfg.lr)
+
+    def loss(self, model, batch):
+        xrec, qloss, codes, features = model(batch)
+        last_layer = self.model.decoder.conv_out.weight
+        loss, logs = self.loss_fn.generator_loss(batch, xrec, qloss, self.step, last_layer)
+        logs.update(self.monitor.update(codes, self.step + 1))
+        self._last = (batch, xrec.detach(), features.detach())
+        return loss, logs
+
+    def after_step(self, model, step, optimizer):
+        """The discriminator's step (on this step's reconstructions), then code restarts."""
+        x, xrec, features = self._last
+        self._last = None
+        logs = {}
+        if self.loss_fn.disc_active(self.step):
+            d_loss, logs = self.loss_fn.discriminator_loss(x, xrec)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+        self.step = step
+        logs["restarted"] = self.monitor.restart(model, features, step, optimizer)
+        return logs
+
+    def evaluate(self, model, step):
+        """Reconstruction L1 and code perplexity on the fixed validation images."""
+        if self._val is None:
+            self._val = fixed_images(self.cfg.data, 8, self.cfg.resolution)
+        x = self._val.to(self.model.device) * 2 - 1
+        xrec, qloss, codes, _ = model(x)
+        counts = torch.bincount(codes.flatten(), minlength=self.cfg.n_embed).float()
+        p = counts / counts.sum()
+        return {"rec_loss": float((x - xrec).abs().mean()), "q_loss": float(qloss),
+                "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))}
+
+    def save_extra(self, ckpt_dir):
+        torch.save(self.monitor.state_dict(), ckpt_dir / "codebook.pt")
+        if self.opt_d is not None:
+            from safetensors.torch import save_file
+
+            sd = self.loss_fn.discriminator.state_dict()
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
+                      str(ckpt_dir / "discriminator.safetensors"))
+            torch.save(self.opt_d.state_dict(), ckpt_dir / "optimizer_d.pt")
+
+    def load_extra(self, ckpt_dir):
+        device = self.model.device
+        self.step = json.loads((ckpt_dir / "trainer_state.json").read_text())["step"]
+        self.monitor.load_state_dict(
+            torch.load(ckpt_dir / "codebook.pt", map_location=device, weights_only=True))
+        if self.opt_d is not None and (ckpt_dir / "discriminator.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            self.loss_fn.discriminator.load_state_dict(
+                load_file(str(ckpt_dir / "discriminator.safetensors"), device=str(device)))
+            self.opt_d.load_state_dict(
+                torch.load(ckpt_dir / "optimizer_d.pt", map_location=device, weights_only=True))
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def build(cfg: VQGANTrainConfig, device):
-    """Model, loss and optimizers (taming's Adam, betas 0.5/0.9)."""
-    torch.manual_seed(cfg.seed)
-    model = VQGAN(cfg.model_config()).to(device)
-    loss = VQGANLoss(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    opt_d = None
-    if loss.discriminator is not None:
-        opt_d = torch.optim.Adam(loss.discriminator.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    return model, loss, opt, opt_d
-
-
 def train_vqgan(cfg: VQGANTrainConfig) -> Path:
-    """Train and write the run directory; returns it."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
+    """Train (or resume) and write the run directory; returns it."""
     from kodalle_cli.device import pick_device
 
     if cfg.batch_size < 1 or cfg.max_steps < 1:
         raise UsageError("--batch-size and --max-steps must be at least 1")
-    device = pick_device(cfg.device)
     out = Path(cfg.out)
-    if not cfg.resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise KodalleError(f"{out} already holds a run: pass --resume or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    model, loss_fn, opt, opt_d = build(cfg, device)
+    architecture = cfg.model_config().architecture()
+    saved = out / "train_config.json"
+    if latest_checkpoint(out) is not None and saved.is_file():
+        before = json.loads(saved.read_text(encoding="utf-8")).get("architecture")
+        if before is not None and before != architecture:
+            raise KodalleError(f"{out} holds a run of another VQGAN architecture: "
+                               "use another --out")
     if cfg.lpips_weights is None:
         import warnings
 
         warnings.warn("no --lpips-weights: training without the perceptual loss", stacklevel=2)
-    monitor = CodebookMonitor(cfg.n_embed, cfg.restart_after, device)
-    step = load_latest(out, model, loss_fn, opt, opt_d, monitor) if cfg.resume else 0
-    _write_json(out / "train_config.json", _jsonable(asdict(cfg)))
-    batches = image_batches(cfg.data, cfg.batch_size, cfg.resolution, seed=cfg.seed + step)
-    metrics = MetricsLog(out / "metrics.csv")
-    model.train()
-    last_layer = model.decoder.conv_out.weight
-    start, logs = time.perf_counter(), {}
-    columns = [TextColumn("train vqgan"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not cfg.progress) as bar:
-        task = bar.add_task("", total=cfg.max_steps, completed=step, info="")
-        while step < cfg.max_steps:
-            x = next(batches).to(device)
-            xrec, qloss, codes, features = model(x)
-            loss, logs = loss_fn.generator_loss(x, xrec, qloss, step, last_layer)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if loss_fn.disc_active(step):
-                d_loss, d_logs = loss_fn.discriminator_loss(x, xrec)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-                logs.update(d_logs)
-            step += 1
-            logs.update(monitor.update(codes, step))
-            logs["restarted"] = monitor.restart(model, features, step, opt)
-            if not math.isfinite(logs["loss"]):
-                raise KodalleError(f"the loss became {logs['loss']} at step {step}; lower --lr")
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics.write({"step": step, "time": round(time.perf_counter() - start, 2),
-                               **logs})
-                bar.update(task, info=f"rec {logs['rec_loss']:.3f} "
-                           f"ppl {logs['perplexity']:.0f} dead {logs['dead_share']:.0%}")
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_checkpoint(out, step, model, loss_fn, opt, opt_d, monitor, cfg.keep_last)
-            bar.update(task, completed=step)
-    model._identity = None
-    save_outputs(model.eval(), loss_fn, out, step, cfg)
+    device = pick_device(cfg.device)
+    task = VQGANTask(cfg, device)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(saved, {**_jsonable(asdict(cfg)), "architecture": architecture})
+    result = train(task, TrainerConfig(
+        out=out, lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9), schedule="constant",
+        warmup_steps=0, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_clip=0.0,
+        precision="fp32", device=cfg.device, seed=cfg.seed, save_every=cfg.save_every,
+        keep_last=cfg.keep_last, eval_every=cfg.save_every, sample_every=0,
+        log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
+        memory_hint="--batch-size or --resolution",
+    ), device=device)
+    task.model._identity = None
+    save_outputs(task.model.eval(), task.loss_fn, out, result.step, cfg)
     return out
 
 
@@ -288,84 +363,11 @@ def save_reconstruction_grid(model: VQGAN, images: torch.Tensor, path: Path) -> 
     os.replace(tmp, path)
 
 
-# ---- checkpoints and metrics -----------------------------------------------------------------
-def save_checkpoint(out: Path, step, model, loss_fn, opt, opt_d, monitor, keep_last: int):
-    from safetensors.torch import save_file
-
-    root = out / "checkpoints"
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if loss_fn.discriminator is not None:
-        sd.update({f"loss.discriminator.{k}": v.detach().cpu().contiguous()
-                   for k, v in loss_fn.discriminator.state_dict().items()})
-    save_file(sd, str(tmp / "model.safetensors"))
-    torch.save({"opt": opt.state_dict(), "opt_d": opt_d.state_dict() if opt_d else None,
-                "last_used": monitor.last_used.cpu()}, tmp / "optimizer.pt")
-    _write_json(tmp / "trainer_state.json", {"step": step, "restarted": monitor.restarted})
-    if final.exists():
-        import shutil
-
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _write_text(root / "latest", final.name)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_latest(out: Path, model, loss_fn, opt, opt_d, monitor) -> int:
-    from safetensors.torch import load_file
-
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
-        raise KodalleError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    ckpt = out / "checkpoints" / pointer.read_text().strip()
-    sd = load_file(str(ckpt / "model.safetensors"))
-    disc = {k.removeprefix("loss.discriminator."): v for k, v in sd.items()
-            if k.startswith("loss.discriminator.")}
-    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("loss.")})
-    if loss_fn.discriminator is not None and disc:
-        loss_fn.discriminator.load_state_dict(disc)
-    state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["opt"])
-    if opt_d is not None and state.get("opt_d"):
-        opt_d.load_state_dict(state["opt_d"])
-    monitor.last_used.copy_(state["last_used"])
-    return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
-
-
-class MetricsLog:
-    """Append rows to metrics.csv (header from the first row's keys plus any new ones)."""
-
-    FIELDS = ("step", "time", "loss", "rec_loss", "q_loss", "p_loss", "g_loss", "d_weight",
-              "d_loss", "perplexity", "dead_share", "restarted")
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, row: dict) -> None:
-        new = not self.path.is_file()
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.FIELDS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def _jsonable(d: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data) -> None:
-    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
