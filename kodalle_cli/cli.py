@@ -218,9 +218,12 @@ def train_vqgan(
     lr: float = typer.Option(3.6e-5, help="Adam learning rate (taming: 4.5e-6 x batch)."),
     batch_size: int = typer.Option(8, min=1),
     max_steps: int = typer.Option(10000, min=1),
-    save_every: int = typer.Option(1000, min=1, help="Checkpoint every N steps."),
+    save_every: int = typer.Option(1000, min=1, help="Checkpoint (and validate) every N steps."),
+    keep_last: int = typer.Option(2, help="Checkpoints kept (0: all)."),
+    log_every: int = typer.Option(10, min=1, help="metrics.csv row every N steps."),
     restart_after: int = typer.Option(50, min=1, help="Restart codes unused for N steps."),
-    resume: bool = typer.Option(False, help="Continue the run in --out."),
+    resume: bool = typer.Option(False, help="Require a checkpoint in --out to continue (a run "
+                                "with one continues anyway)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
@@ -239,8 +242,8 @@ def train_vqgan(
         data=data, out=out, ch=ch, ch_mult=mult, n_embed=n_embed, embed_dim=embed_dim,
         resolution=resolution, num_res_blocks=num_res_blocks, lpips_weights=lpips_weights,
         disc_start=disc_start, disc_weight=disc_weight, lr=lr, batch_size=batch_size,
-        max_steps=max_steps, save_every=save_every, restart_after=restart_after,
-        resume=resume, seed=seed, device=device,
+        max_steps=max_steps, save_every=save_every, keep_last=keep_last, log_every=log_every,
+        restart_after=restart_after, resume=resume, seed=seed, device=device,
     ))
     console.print(f"VQGAN written to {run} (use it with --vqgan {run})", soft_wrap=True)
 

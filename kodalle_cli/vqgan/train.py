@@ -243,6 +243,9 @@ class VQGANTask(Task):
     def batch_size(self, batch):
         return batch.shape[0]
 
+    def batch_tokens(self, batch):  # image codes: tokens/s is the tokenizer's code rate
+        return batch.shape[0] * (batch.shape[-1] // self.model.downsample_factor) ** 2
+
     def param_groups(self):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
