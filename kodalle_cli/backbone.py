@@ -153,6 +153,25 @@ class Backbone:
 
         return AutoTokenizer.from_pretrained(self.tokenizer_dir(), **self.tokenizer_kwargs)
 
+    def load_model(self):
+        """The whole language model (``AutoModel``), e.g. for the reranker's text tower.
+
+        Only here is the full model built; :meth:`load_embeddings` never needs it."""
+        from transformers import AutoModel
+
+        local = self._local_dir()
+        if local is None:
+            self.fetch("config.json")  # offline and uncached: the one-line error, no retries
+        where, kwargs = (str(local), {}) if local else (self.source, {"revision": self.revision})
+        try:
+            return AutoModel.from_pretrained(where, **kwargs)
+        except OSError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise KodalleError(
+                f"backbone {self.name}: cannot load the language model from {self.location}: "
+                f"{first}"
+            ) from None
+
     def load_embeddings(self) -> Embeddings:
         """The token table, position table (or None), position offset and special ids."""
         config = self.config()

@@ -52,6 +52,7 @@ class ScoreConfig:
     batch_size: int = 16
     seed: int = 0
     device: str = "auto"
+    fidelity: bool = True  # False: CLIP-score and R-precision only (no Inception weights)
     progress: bool = True  # generation progress bar (on stdout: off for --json)
 
 
@@ -293,7 +294,8 @@ def run_score(cfg: ScoreConfig) -> dict:
     if cfg.num_samples < 2:
         raise UsageError("--num-samples must be at least 2 (FID needs a covariance)")
     device = pick_device(cfg.device)
-    weights = inception_weights(cfg.inception_weights)  # fail early, before any generation
+    # fail early, before any generation
+    weights = inception_weights(cfg.inception_weights) if cfg.fidelity else None
     reranker = None
     if cfg.reranker is not None:
         from kodalle_cli.rerank.model import load_reranker
@@ -320,7 +322,9 @@ def run_score(cfg: ScoreConfig) -> dict:
     gen_dir = write_pngs(generated, out / "generated", size)
     ref_dir = write_pngs(ref_images, out / "reference", size)
     settings = fidelity_settings(len(generated), len(ref_images))
-    metrics = fidelity_metrics(gen_dir, ref_dir, weights, device, settings, cfg.batch_size)
+    metrics = {}
+    if cfg.fidelity:
+        metrics = fidelity_metrics(gen_dir, ref_dir, weights, device, settings, cfg.batch_size)
 
     if reranker is not None:
         pairs = [(im, c) for im, c in zip(generated, gen_captions, strict=True) if c]
@@ -343,7 +347,8 @@ def run_score(cfg: ScoreConfig) -> dict:
         "image_format": "png",
         "resizer": RESIZER,
         "tool": {"name": "torch-fidelity", "version": torch_fidelity.__version__,
-                 "settings": settings, "inception_weights": str(weights)},
+                 "settings": settings,
+                 "inception_weights": str(weights) if weights else None},
         "reranker": str(cfg.reranker) if cfg.reranker else None,
         "config": asdict(cfg),
         "out": str(out),

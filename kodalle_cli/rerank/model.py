@@ -118,36 +118,6 @@ def build_image_tower(weights: Path | None = None) -> nn.Module:
     )
 
 
-def text_model_dir(backbone) -> str:
-    """Where ``AutoModel.from_pretrained`` finds the backbone: its local directory, or its hub
-    id (after checking that the config is reachable, so offline misses are one clear line)."""
-    local = backbone._local_dir()
-    if local is not None:
-        return str(local)
-    backbone.fetch("config.json")  # raises a one-line KodalleError when offline and uncached
-    return backbone.source
-
-
-def load_text_tower(backbone):
-    """The backbone's full language model and tokenizer (the reranker's text tower).
-
-    A ``Backbone.load_model()`` would be the natural home for this; it lives here until the
-    backbone module grows one."""
-    from transformers import AutoModel
-
-    where = text_model_dir(backbone)
-    kwargs = {} if backbone._local_dir() is not None else {"revision": backbone.revision}
-    try:
-        model = AutoModel.from_pretrained(where, **kwargs)
-    except OSError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise KodalleError(
-            f"backbone {backbone.name}: cannot load the language model from "
-            f"{backbone.location}: {first}"
-        ) from None
-    return model, backbone.load_tokenizer()
-
-
 def contrastive_loss(logits: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE. Domain captions repeat (K-Fashion's are built from labels),
     so with ``same`` the target of each row is spread evenly over every pair whose caption
@@ -252,7 +222,7 @@ def build_reranker(
 ) -> Reranker:
     """A fresh reranker: the backbone's language model + EfficientNet-B0 (local weights or
     random) + new projections."""
-    text_model, tokenizer = load_text_tower(backbone)
+    text_model, tokenizer = backbone.load_model(), backbone.load_tokenizer()
     weights = find_image_weights(image_weights)
     text_seq_len = min(text_seq_len, max_text_len(text_model.config))
     config = RerankerConfig(
