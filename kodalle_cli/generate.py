@@ -215,6 +215,7 @@ def write_caption_dir(directory: Path, result: CaptionResult) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name[:20]}.", suffix=".tmp",
                                 dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         for img, info in zip(result.images, result.metadata["images"], strict=True):
             img.save(tmp / info["file"])
