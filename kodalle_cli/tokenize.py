@@ -274,16 +274,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from kodalle_cli.progress import progress_bar
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("shards"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-        disable=not enabled,
-    )
+    return progress_bar("shards", "{task.fields[rate]}", enabled=enabled, eta=False)

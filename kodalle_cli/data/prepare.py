@@ -318,28 +318,18 @@ def reason_kind(reason: str) -> str:
 
 
 def _progress(enabled: bool, total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import ProgressColumn
     from rich.text import Text
+
+    from kodalle_cli.progress import progress_bar
 
     class Speed(ProgressColumn):
         def render(self, task):
             speed = task.finished_speed or task.speed
             return Text("  -   img/s" if speed is None else f"{speed:6.1f} img/s")
 
-    progress = Progress(
-        TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), Speed(),
-        TextColumn("{task.fields[skipped]} skipped"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
-    )
-    return progress
+    return progress_bar(Speed(), "{task.fields[skipped]} skipped", title="[bold]prepare",
+                        enabled=enabled)
 
 
 class _Workers:

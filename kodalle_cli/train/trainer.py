@@ -370,20 +370,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 # ---- progress --------------------------------------------------------------------------------
 def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from kodalle_cli.progress import progress_bar
 
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), disable=not enabled, transient=False,
-    )
+    return progress_bar("{task.fields[info]}", title="[bold]train", enabled=enabled)
 
 
 def _oom_message(cfg: TrainerConfig) -> str:

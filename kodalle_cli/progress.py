@@ -1,0 +1,24 @@
+"""The one progress bar style every long command uses (rich)."""
+
+from __future__ import annotations
+
+
+def progress_bar(*middle, title: str = "{task.description}", enabled: bool = True,
+                 eta: bool = True):
+    """``title | bar | done/total | *middle | elapsed | ETA``; ``middle`` are extra columns
+    (rich ProgressColumn objects or format strings such as ``"{task.fields[info]}"``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [TextColumn(title), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(c) if isinstance(c, str) else c for c in middle]
+    columns.append(TimeElapsedColumn())
+    if eta:
+        columns += [TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, disable=not enabled, transient=False)
