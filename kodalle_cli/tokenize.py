@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kodalle_cli.atomic import write_json_atomic
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
 
@@ -176,7 +177,7 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
         "truncated": summary.truncated,
         "image_shards": str(shards),
     }
-    _write_json(out / token_shards.MANIFEST, manifest)
+    write_json_atomic(out / token_shards.MANIFEST, manifest)
     return summary
 
 
@@ -255,7 +256,7 @@ def _tokenize_shard(shard: Path, target: Path, text: TextTokenizer, vqgan, cfg,
             if batch:
                 flush()
         os.replace(tmp, target)
-        _write_json(_stats_path(target), stats)  # renamed last: marks the shard finished
+        write_json_atomic(_stats_path(target), stats)  # renamed last: marks the shard finished
     finally:
         tmp.unlink(missing_ok=True)
     return stats
@@ -265,12 +266,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _progress(enabled: bool):

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kodalle_cli.atomic import write_json_atomic
 from kodalle_cli.errors import KodalleError
 
 SPLITS = ("train", "val")
@@ -53,12 +54,6 @@ def stats_path(tar: Path) -> Path:
 def is_complete(tar: Path) -> bool:
     """A shard is complete when its tar and its stats file (renamed last) both exist."""
     return tar.is_file() and stats_path(tar).is_file()
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class ShardWriter:

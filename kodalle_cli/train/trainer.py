@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kodalle_cli.atomic import write_text_atomic
 from kodalle_cli.errors import KodalleError, UsageError
 
 CKPT_DIR = "checkpoints"
@@ -260,12 +261,6 @@ def _listify(x):
     return [_listify(v) for v in x] if isinstance(x, tuple | list) else x
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _kill_hook(name: str, step: int) -> None:
     if os.environ.get(name) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -318,7 +313,7 @@ def save_checkpoint(out: Path, task: Task, optimizer, scaler, state: dict, rngs:
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_text(out / LATEST, f"{CKPT_DIR}/{final.name}")
+    write_text_atomic(out / LATEST, f"{CKPT_DIR}/{final.name}")
     if keep_last > 0:
         done = sorted(p for p in ckpts.glob("step-*") if p.is_dir())
         for old in done[:-keep_last]:

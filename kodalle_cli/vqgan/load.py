@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from kodalle_cli.atomic import write_text_atomic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.vqgan.model import VQGAN, VQGANConfig
 
@@ -133,7 +134,7 @@ def read_config(path: str | os.PathLike) -> VQGANConfig:
 
 
 def write_config(config: VQGANConfig, path: str | os.PathLike) -> None:
-    _atomic_write_text(Path(path), yaml.safe_dump(config_to_taming(config), sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_taming(config), sort_keys=False))
 
 
 # ---- safe checkpoint reading -----------------------------------------------------------------
@@ -355,10 +356,3 @@ def save_taming_checkpoint(model: VQGAN, path: str | os.PathLike, global_step: i
             os.unlink(tmp)
     write_config(model.config, path.with_suffix(".yaml"))
     return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from kodalle_cli.atomic import write_json_atomic
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.train.trainer import Task, TrainerConfig, latest_checkpoint, train
 from kodalle_cli.vqgan.load import save_taming_checkpoint, save_vqgan
@@ -331,7 +332,7 @@ def train_vqgan(cfg: VQGANTrainConfig) -> Path:
     device = pick_device(cfg.device)
     task = VQGANTask(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(saved, {**_jsonable(asdict(cfg)), "architecture": architecture})
+    write_json_atomic(saved, {**_jsonable(asdict(cfg)), "architecture": architecture})
     result = train(task, TrainerConfig(
         out=out, lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9), schedule="constant",
         warmup_steps=0, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_clip=0.0,
@@ -368,9 +369,3 @@ def save_reconstruction_grid(model: VQGAN, images: torch.Tensor, path: Path) -> 
 
 def _jsonable(d: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
