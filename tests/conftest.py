@@ -97,3 +97,31 @@ def tiny_dalle_data(tmp_path_factory, tiny_klue):
     vqgan = save_tiny_vqgan(root / "vqgan")
     tokens = write_tiny_tokens(root / "tokens", tiny_klue, vqgan)
     return tiny_klue, tokens, vqgan
+
+
+def tiny_model_and_vqgan(tokenizer, text_seq_len):
+    """A random tiny DALLE (dim 32, depth 2) and the untrained 8 px VQGAN it draws with."""
+    import torch
+
+    from kodalle_cli.model.dalle import DALLE, DALLEConfig
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig
+
+    torch.manual_seed(0)
+    vqgan = VQGAN(VQGANConfig(n_embed=24, embed_dim=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
+                              attn_resolutions=(), resolution=8, z_channels=32)).eval()
+    cfg = DALLEConfig(num_text_tokens=len(tokenizer), num_image_tokens=24,
+                      image_fmap_size=vqgan.fmap_size, dim=32, depth=2, heads=2, dim_head=16,
+                      text_seq_len=text_seq_len, pad_id=tokenizer.pad_token_id, bos_id=0)
+    return DALLE(cfg).eval(), vqgan
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CI machine's two cores are shared: one intra-op thread is several times faster
+    for tiny models than two threads fighting over them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

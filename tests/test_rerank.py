@@ -51,14 +51,7 @@ def write_shard(path, pairs):
                         "json": json.dumps({"size": list(image.size)})})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine's two cores are shared: one intra-op thread is several times faster
-    for these tiny models than two threads fighting over them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model_and_vqgan
 
 from kodalle_cli.errors import UsageError
 from kodalle_cli.generate import (
@@ -242,17 +243,9 @@ def tiny_sampler(tiny_klue):
     from transformers import AutoTokenizer
 
     from kodalle_cli.generate import Sampler
-    from kodalle_cli.model.dalle import DALLE, DALLEConfig
-    from kodalle_cli.vqgan import VQGAN, VQGANConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_klue)
-    torch.manual_seed(0)
-    vqgan = VQGAN(VQGANConfig(n_embed=24, embed_dim=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
-                              attn_resolutions=(), resolution=8, z_channels=32)).eval()
-    cfg = DALLEConfig(num_text_tokens=len(tokenizer), num_image_tokens=24,
-                      image_fmap_size=vqgan.fmap_size, dim=32, depth=2, heads=2, dim_head=16,
-                      text_seq_len=12, pad_id=tokenizer.pad_token_id, bos_id=0)
-    model = DALLE(cfg).eval()
+    model, vqgan = tiny_model_and_vqgan(tokenizer, text_seq_len=12)
     return Sampler(model, tokenizer, vqgan, source="tiny", info={"step": 0})
 
 

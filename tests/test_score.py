@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import tiny_model_and_vqgan
 from PIL import Image
 
 from kodalle_cli.data.synthetic import COLOURS, random_garment, render
@@ -50,13 +51,7 @@ def shifted(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(arr * 0.5 + np.array([60, 0, 30]), 0, 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI machine's two cores are shared: one intra-op thread avoids threads fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -124,19 +119,11 @@ def tiny_run(run, tokenizer_dir):
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from kodalle_cli.model.dalle import DALLE, DALLEConfig
     from kodalle_cli.runs import write_config
-    from kodalle_cli.vqgan import VQGAN, VQGANConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    vqgan = VQGAN(VQGANConfig(n_embed=24, embed_dim=8, ch=32, ch_mult=(1, 1), num_res_blocks=1,
-                              attn_resolutions=(), resolution=8, z_channels=32)).eval()
-    cfg = DALLEConfig(num_text_tokens=len(tokenizer), num_image_tokens=24,
-                      image_fmap_size=vqgan.fmap_size, dim=32, depth=2, heads=2, dim_head=16,
-                      text_seq_len=24, pad_id=tokenizer.pad_token_id, bos_id=0)
-    model = DALLE(cfg).eval()
-    write_config(run, {"kind": "dalle", "model": cfg.to_dict()})
+    model, vqgan = tiny_model_and_vqgan(tokenizer, text_seq_len=24)
+    write_config(run, {"kind": "dalle", "model": model.config.to_dict()})
     tokenizer.save_pretrained(run / "tokenizer")
     vqgan.save(run / "vqgan")
     ckpt = run / "checkpoints" / "step-0000001"
