@@ -19,6 +19,7 @@ from rich.table import Table
 
 from kodalle_cli import __version__
 from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.progress import quiet_libraries
 
 try:  # typer >= 0.20 ships its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -204,24 +205,34 @@ def train(
 def train_vqgan(
     data: Path = typer.Option(Path("shards"), help="Image shards from `kodalle prepare`."),
     out: Path = typer.Option(Path("runs/vqgan"), "--out", "-o", help="Run directory."),
-    ch: int = typer.Option(128, help="Base channels (a multiple of 32)."),
-    ch_mult: str = typer.Option("1,1,2,2,4", help="Channel multipliers; f = 2^(len-1)."),
-    n_embed: int = typer.Option(16384, help="Codebook size."),
-    embed_dim: int = typer.Option(256, help="Code vector size."),
-    resolution: int = typer.Option(256, help="Training image side in pixels."),
-    num_res_blocks: int = typer.Option(2, help="Residual blocks per level."),
+    recipe: str = typer.Option(
+        "kodalle", help="Settings to start from: kodalle (256 px, f16, 16384 codes) or "
+        "small-flat (32 px, f4, 512 unit-norm codes: small flat-colour images); the options "
+        "below override it. docs/vqgan.md explains them."),
+    ch: int | None = typer.Option(None, help="Base channels (a multiple of 32) [kodalle: 128]."),
+    ch_mult: str | None = typer.Option(
+        None, help="Channel multipliers; f = 2^(len-1) [kodalle: 1,1,2,2,4]."),
+    n_embed: int | None = typer.Option(None, help="Codebook size [kodalle: 16384]."),
+    embed_dim: int | None = typer.Option(None, help="Code vector size [kodalle: 256]."),
+    l2_codes: bool | None = typer.Option(
+        None, "--l2-codes/--no-l2-codes",
+        help="Match features to codes on the unit sphere [kodalle: off; small-flat: on]."),
+    resolution: int | None = typer.Option(None, help="Training image side [kodalle: 256]."),
+    num_res_blocks: int | None = typer.Option(None, help="Residual blocks per level [2]."),
     lpips_weights: Path | None = typer.Option(
         None, help="taming LPIPS state_dict (.pth/.safetensors); else no perceptual loss."),
     disc_start: int | None = typer.Option(None, help="Step at which the discriminator starts "
                                           "(default: no discriminator)."),
     disc_weight: float = typer.Option(0.8, help="Discriminator loss weight."),
-    lr: float = typer.Option(3.6e-5, help="Adam learning rate (taming: 4.5e-6 x batch)."),
-    batch_size: int = typer.Option(8, min=1),
-    max_steps: int = typer.Option(10000, min=1),
+    lr: float | None = typer.Option(
+        None, help="Adam learning rate [kodalle: 3.6e-5, taming's 4.5e-6 x batch]."),
+    batch_size: int | None = typer.Option(None, min=1, help="[8]"),
+    max_steps: int | None = typer.Option(None, min=1, help="[kodalle: 10000]"),
     save_every: int = typer.Option(1000, min=1, help="Checkpoint (and validate) every N steps."),
     keep_last: int = typer.Option(2, help="Checkpoints kept (0: all)."),
     log_every: int = typer.Option(10, min=1, help="metrics.csv row every N steps."),
-    restart_after: int = typer.Option(50, min=1, help="Restart codes unused for N steps."),
+    restart_after: int | None = typer.Option(
+        None, min=1, help="Restart codes unused for N steps [kodalle: 50]."),
     resume: bool = typer.Option(False, help="Require a checkpoint in --out to continue (a run "
                                 "with one continues anyway)."),
     seed: int = typer.Option(0),
@@ -230,20 +241,26 @@ def train_vqgan(
     """Train a VQGAN image tokenizer (taming-compatible .ckpt + .yaml, model.safetensors).
 
     Example: kodalle train vqgan --data shards --out runs/vqgan --resolution 256
+
+    Example: kodalle train vqgan --recipe small-flat --data shards --out runs/vqgan
     """
     from kodalle_cli.vqgan.train import VQGANTrainConfig
     from kodalle_cli.vqgan.train import train_vqgan as run_train_vqgan
 
-    try:
-        mult = tuple(int(m) for m in ch_mult.split(","))
-    except ValueError:
-        raise UsageError(f"--ch-mult must be integers like 1,1,2,2,4, got {ch_mult!r}") from None
-    run = run_train_vqgan(VQGANTrainConfig(
-        data=data, out=out, ch=ch, ch_mult=mult, n_embed=n_embed, embed_dim=embed_dim,
-        resolution=resolution, num_res_blocks=num_res_blocks, lpips_weights=lpips_weights,
-        disc_start=disc_start, disc_weight=disc_weight, lr=lr, batch_size=batch_size,
-        max_steps=max_steps, save_every=save_every, keep_last=keep_last, log_every=log_every,
-        restart_after=restart_after, resume=resume, seed=seed, device=device,
+    mult = None
+    if ch_mult is not None:
+        try:
+            mult = tuple(int(m) for m in ch_mult.split(","))
+        except ValueError:
+            raise UsageError(
+                f"--ch-mult must be integers like 1,1,2,2,4, got {ch_mult!r}") from None
+    run = run_train_vqgan(VQGANTrainConfig.from_recipe(
+        recipe, data=data, out=out, ch=ch, ch_mult=mult, n_embed=n_embed, embed_dim=embed_dim,
+        l2_codes=l2_codes, resolution=resolution, num_res_blocks=num_res_blocks,
+        lpips_weights=lpips_weights, disc_start=disc_start, disc_weight=disc_weight, lr=lr,
+        batch_size=batch_size, max_steps=max_steps, save_every=save_every, keep_last=keep_last,
+        log_every=log_every, restart_after=restart_after, resume=resume, seed=seed,
+        device=device,
     ))
     console.print(f"VQGAN written to {run} (use it with --vqgan {run})", soft_wrap=True)
 
@@ -446,6 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app, turning errors into one red line."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("KODALLE_DEBUG") == "1"
+    quiet_libraries()
     try:
         app(args=args, prog_name="kodalle", standalone_mode=False)
     except typer.Exit as exc:

@@ -4,16 +4,19 @@ Stages (each one the library function its subcommand calls):
 
 1. synthetic K-Fashion images + label JSONs (a fixed seed), holding out some
    colour/category combinations that never appear in training;
-2. ``prepare`` -> image shards with a validation split; ``train vqgan`` (a small f8 model:
-   64 px -> 8x8 codes); a tiny Korean stand-in for klue/roberta-large (WordPiece tokenizer
-   trained on the captions, klue's special ids, a small RoBERTa) used through the ``hf``
-   backbone; ``tokenize``;
+2. ``prepare`` -> image shards with a validation split; ``train vqgan --recipe small-flat``
+   (32 px -> 8x8 codes); a tiny Korean stand-in for klue/roberta-large (WordPiece tokenizer
+   trained on the training captions only, klue's special ids, a small RoBERTa) used through
+   the ``hf`` backbone; ``tokenize``;
 3. ``train`` a small DALLE, ``train reranker``;
-4. ``sample`` for validation captions and for the held-out combinations, ``rerank``,
-   ``score``;
-5. caption faithfulness from the generator's ground truth: the share of generated garments
-   whose colour (read from the pixels) is the caption's colour, against chance;
-6. ``OUT/report.html``: grids, VQGAN reconstructions, loss curves, scores, timings.
+4. ``sample`` for validation captions (seen pairs) and for captions of the held-out pairs,
+   ``rerank``, ``score``;
+5. caption faithfulness (:mod:`kodalle_cli.faithfulness`): colour, category and both read
+   from the pixels against the true palette, with Wilson intervals, chance measured with
+   shuffled captions, with and without reranking; the VQGAN's reconstructions of validation
+   images checked the same way (what the DALLE can at best show);
+6. ``OUT/report.html``: per-pair tables, the worst captions, grids, VQGAN reconstructions,
+   loss curves, scores, timings; ``OUT/summary.json``: the numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kodalle_cli import faithfulness as fa
+from kodalle_cli.atomic import write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
 
 console = Console()
@@ -43,29 +48,32 @@ COLOURS = ("레드", "블루", "블랙", "옐로우", "그린", "핑크")
 CATEGORIES = ("티셔츠", "블라우스", "스커트", "팬츠", "코트", "드레스")
 HOLDOUT = (("레드", "스커트"), ("블루", "코트"), ("그린", "티셔츠"), ("옐로우", "드레스"),
            ("핑크", "팬츠"), ("블랙", "블라우스"))
+PALETTE = {c: synthetic.COLOURS[c] for c in COLOURS}  # the true colours: nothing is fitted
 COLOUR_RE = re.compile(r"색상은 (\S+?)이다")
+CATEGORY_RE = re.compile(r"카테고리는 (\S+?)이다")
 
 
 @dataclass
 class DemoSize:
     samples: int
     vqgan_steps: int
-    vqgan_ch: int
     dalle_steps: int
     dalle_dim: int
     dalle_depth: int
     reranker_steps: int
     seen_captions: int
+    captions_per_holdout: int
     images_per_caption: int
+    keep: int  # images kept per caption by the reranker
     score_samples: int
 
 
-FULL = DemoSize(samples=4000, vqgan_steps=1000, vqgan_ch=32, dalle_steps=1200, dalle_dim=128,
-                dalle_depth=4, reranker_steps=200, seen_captions=12, images_per_caption=8,
-                score_samples=96)
-QUICK = DemoSize(samples=400, vqgan_steps=40, vqgan_ch=32, dalle_steps=60, dalle_dim=64,
-                 dalle_depth=2, reranker_steps=10, seen_captions=3, images_per_caption=4,
-                 score_samples=12)
+FULL = DemoSize(samples=4000, vqgan_steps=1500, dalle_steps=1500, dalle_dim=128,
+                dalle_depth=4, reranker_steps=200, seen_captions=24, captions_per_holdout=2,
+                images_per_caption=8, keep=2, score_samples=96)
+QUICK = DemoSize(samples=400, vqgan_steps=40, dalle_steps=60, dalle_dim=64, dalle_depth=2,
+                 reranker_steps=10, seen_captions=3, captions_per_holdout=1,
+                 images_per_caption=4, keep=2, score_samples=12)
 
 
 @dataclass
@@ -73,7 +81,7 @@ class DemoConfig:
     out: Path = Path("demo")
     quick: bool = False
     seed: int = 0
-    image_size: int = 64
+    image_size: int = 32
     text_seq_len: int = 20
     cond_scale: float = 3.0
     progress: bool = True
@@ -97,84 +105,91 @@ def caption_colour(caption: str) -> str | None:
     return match.group(1) if match else None
 
 
-def holdout_captions(root: Path, seed: int, per_combo: int = 1) -> list[str]:
-    """Captions of garments whose colour/category pair was held out of training."""
+def caption_category(caption: str) -> str | None:
+    match = CATEGORY_RE.search(caption)
+    return match.group(1) if match else None
+
+
+def holdout_captions(root: Path, seed: int, per_combo: int = 2) -> list[str]:
+    """``per_combo`` distinct captions for each held-out colour/category pair (garments that
+    differ in print, sleeve or length), pair by pair."""
     from kodalle_cli.data.captions import caption_from_label
 
-    items = synthetic.generate(root, len(HOLDOUT) * per_combo * 3, size=32, seed=seed + 1,
+    items = synthetic.generate(root, len(HOLDOUT) * per_combo * 12, size=32, seed=seed + 1,
                                combos=HOLDOUT)
-    captions, per = [], defaultdict(int)
+    per: dict[tuple[str, str], list[str]] = defaultdict(list)
     for item in items:
         combo = (item.garment.colour, item.garment.category)
-        if per[combo] < per_combo:
-            per[combo] += 1
-            label = json.loads(item.label.read_text(encoding="utf-8"))
-            captions.append(caption_from_label(label))
-    return captions
+        caption = caption_from_label(json.loads(item.label.read_text(encoding="utf-8")))
+        if len(per[combo]) < per_combo and caption not in per[combo]:
+            per[combo].append(caption)
+    return [c for combo in HOLDOUT for c in per[combo]]
 
 
 def seen_captions(shards: Path, count: int) -> list[str]:
-    """Distinct validation captions, one per colour/category pair first."""
+    """``count`` distinct validation captions, spread over the colour/category pairs."""
     from kodalle_cli.data.shards import iter_image_samples
 
-    captions, seen = [], set()
+    by_pair: dict[tuple, list[str]] = defaultdict(list)
     for sample in iter_image_samples(shards, split="val"):
-        key = (caption_colour(sample.caption), sample.caption.split("카테고리는 ")[-1][:6])
-        if key not in seen:
-            seen.add(key)
-            captions.append(sample.caption)
-        if len(captions) >= count:
-            break
+        pair = (caption_colour(sample.caption), caption_category(sample.caption))
+        if sample.caption not in by_pair[pair]:
+            by_pair[pair].append(sample.caption)
+    captions = []
+    for rank in range(max((len(v) for v in by_pair.values()), default=0)):
+        for pair in sorted(by_pair):
+            if rank < len(by_pair[pair]) and len(captions) < count:
+                captions.append(by_pair[pair][rank])
     return captions
 
 
-def rendered_palette(vqgan_dir: Path, shards: Path, size: int,
-                     per_colour: int = 8) -> tuple[dict[str, tuple[float, float, float]], float, int]:
-    """Each colour as this VQGAN draws it, and how often its reconstructions read back right.
+def judge_results(results) -> list[list[fa.Judged]]:
+    """Every image of every caption (in the order given: best first when reranked)."""
+    return [[fa.judge(im, caption_colour(r.caption), caption_category(r.caption), PALETTE)
+             for im in r.images] for r in results]
 
-    A small VQGAN trained for minutes renders colours off-true (a blue may come out teal), so
-    generated garments are read against the VQGAN's own rendering of each colour: the mean
-    garment pixel of its reconstructions of validation images of that colour. The share of
-    those reconstructions read back as their own colour is the ceiling for faithfulness.
-    """
-    import numpy as np
 
+def caption_faithfulness(judged: list[list[fa.Judged]], keep: int | None, seed: int) -> dict:
+    """Colour, category and both, for all images and for the reranker's best ``keep`` per
+    caption, and chance (all images against shuffled captions)."""
+    flat = [j for per in judged for j in per]
+    out = {"all": fa.summarise(flat), "chance": fa.summarise(fa.shuffled(flat, seed))}
+    if keep is not None:
+        out["reranked"] = fa.summarise(j for per in judged for j in per[:keep])
+    return out
+
+
+def vqgan_check(vqgan_dir: Path, shards: Path, size: int, seed: int) -> dict[str, dict]:
+    """Every validation image (never trained on) as it is (the checkers' own ceiling) and as
+    the VQGAN reconstructs it (the most a DALLE on its codes can show), read back."""
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
     from kodalle_cli.vqgan.load import load_vqgan
 
-    by_colour: dict[str, list] = defaultdict(list)
-    for sample in iter_image_samples(shards, split="val"):
-        colour = caption_colour(sample.caption)
-        if colour in COLOURS and len(by_colour[colour]) < per_colour:
-            by_colour[colour].append(sample.image)
+    samples = list(iter_image_samples(shards, split="val"))
     vqgan = load_vqgan(vqgan_dir)
-    names = [c for c in COLOURS if by_colour[c]]
-    images = [im for c in names for im in by_colour[c]]
-    truth = [c for c in names for _ in by_colour[c]]
-    recon = vqgan.decode(vqgan.encode(to_tensor(images, size=size)))
-    arrays = [np.asarray(synthetic._rgb(r)) for r in recon]
-    palette = {}
-    for colour in names:
-        pixels = [a[synthetic.foreground(a)] for a, t in zip(arrays, truth, strict=True)
-                  if t == colour]
-        pixels = np.concatenate(pixels) if pixels else np.zeros((0, 3))
-        palette[colour] = tuple(float(v) for v in (
-            np.median(pixels, axis=0) if len(pixels) else synthetic.COLOURS[colour]))
-    read = [synthetic.garment_colour(a, palette) for a in arrays]
-    ceiling = sum(r == t for r, t in zip(read, truth, strict=True)) / max(len(truth), 1)
-    return palette, ceiling, len(truth)
+    images = to_tensor([s.image for s in samples], size=size)
+    recon = vqgan.decode(vqgan.encode(images, batch_size=64), batch_size=64)
+    out = {}
+    for name, pixels in (("validation images", images), ("VQGAN reconstructions", recon)):
+        judged = [fa.judge(p, caption_colour(s.caption), caption_category(s.caption), PALETTE)
+                  for p, s in zip(pixels, samples, strict=True)]
+        out[name] = {"all": fa.summarise(judged), "chance": fa.summarise(fa.shuffled(judged, seed))}
+    return out
 
 
-def faithfulness(results, captions: list[str], palette: dict) -> dict:
-    """Share of generated images whose garment colour (from pixels) is the caption's."""
-    hits = total = 0
-    for result, caption in zip(results, captions, strict=True):
-        want = caption_colour(caption)
-        for image in result.images:
-            hits += synthetic.garment_colour(image, palette) == want
-            total += 1
-    return {"match": hits / max(total, 1), "images": total, "chance": 1 / len(COLOURS)}
+def pair_table(results, judged: list[list[fa.Judged]]) -> list[dict]:
+    """One row per colour/category pair: images, colour, category and both right."""
+    rows: dict[tuple, list[fa.Judged]] = defaultdict(list)
+    for r, per in zip(results, judged, strict=True):
+        rows[(caption_colour(r.caption), caption_category(r.caption))].extend(per)
+    return [{"colour": c, "category": k, **fa.summarise(js)} for (c, k), js in sorted(rows.items())]
+
+
+def worst_captions(results, judged, count: int = 4) -> list[tuple]:
+    """The captions whose images are most often wrong (both colour and category)."""
+    scored = [(fa.summarise(per)["both"].value, i) for i, per in enumerate(judged)]
+    return [(share, results[i], judged[i]) for share, i in sorted(scored)[:count]]
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -197,6 +212,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from kodalle_cli.data.prepare import PrepareConfig, prepare
     from kodalle_cli.errors import KodalleError
     from kodalle_cli.generate import SampleConfig, sample
+    from kodalle_cli.progress import quiet_libraries
     from kodalle_cli.rerank.train import RerankerTrainConfig, train_reranker
     from kodalle_cli.score import ScoreConfig, inception_weights, run_score
     from kodalle_cli.tiny_backbone import build_klue_like
@@ -204,6 +220,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from kodalle_cli.train.dalle import DalleTrainConfig, run_train
     from kodalle_cli.vqgan.train import VQGANTrainConfig, train_vqgan
 
+    quiet_libraries()
     size, out, stage = cfg.size, Path(cfg.out), Stages()
     out.mkdir(parents=True, exist_ok=True)
     raw, shards, runs = out / "kfashion", out / "shards", out / "runs"
@@ -211,9 +228,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     with stage("1. synthetic K-Fashion data"):
         if not (raw / "labels").is_dir():
-            synthetic.generate(raw, size.samples, size=cfg.image_size, seed=cfg.seed,
+            synthetic.generate(raw, size.samples, size=64, seed=cfg.seed,
                                combos=combos, holdout=HOLDOUT, split_dirs=True)
-        held = holdout_captions(out / "holdout-labels", cfg.seed)
+        held = holdout_captions(out / "holdout-labels", cfg.seed, size.captions_per_holdout)
         console.print(f"{size.samples} images, {len(combos) - len(HOLDOUT)} colour/category "
                       f"pairs; held out of training: "
                       + ", ".join(f"{c} {k}" for c, k in HOLDOUT))
@@ -224,13 +241,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                               progress=cfg.progress))
 
     vqgan_dir = runs / "vqgan"
-    with stage("3. train vqgan (f8: 64 px -> 8x8 codes)"):
+    with stage("3. train vqgan (small-flat recipe: 32 px -> 8x8 codes)"):
         if not (vqgan_dir / "model.safetensors").is_file():
-            train_vqgan(VQGANTrainConfig(
-                data=shards, out=vqgan_dir, ch=size.vqgan_ch, ch_mult=(1, 2, 2, 4),
-                n_embed=256, embed_dim=64, resolution=cfg.image_size, num_res_blocks=1,
-                attn_resolutions=(), lr=1e-3, batch_size=8, restart_after=20, max_steps=size.vqgan_steps,
-                seed=cfg.seed, progress=cfg.progress, resume=(vqgan_dir / "checkpoints").is_dir(),
+            train_vqgan(VQGANTrainConfig.from_recipe(
+                "small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
+                max_steps=size.vqgan_steps, seed=cfg.seed, progress=cfg.progress,
+                resume=(vqgan_dir / "checkpoints").is_dir(),
                 save_every=max(size.vqgan_steps // 3, 1),
             ))
 
@@ -243,7 +259,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         if not (backbone_dir / "model.safetensors").is_file():
             from kodalle_cli.data.shards import iter_image_samples
 
-            texts = [s.caption for s in iter_image_samples(shards, split="train")] + held
+            # training captions only: the held-out captions stay out of everything trained
+            texts = [s.caption for s in iter_image_samples(shards, split="train")]
             build_klue_like(backbone_dir, texts, vocab_size=400, hidden=size.dalle_dim,
                             layers=2, heads=2, max_positions=cfg.text_seq_len + 2,
                             seed=cfg.seed)
@@ -275,21 +292,19 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                 eval_samples=64, save_every=size.reranker_steps, seed=cfg.seed, device="cpu",
             ), progress=cfg.progress)
 
-    seen = seen_captions(shards, size.seen_captions)
-    held = held[: max(2, size.seen_captions // 2)]
-    results = {}
-    with stage("7. sample (seen and held-out combinations), rerank"):
-        for name, captions in (("seen", seen), ("held-out", held)):
+    captions = {"seen": seen_captions(shards, size.seen_captions), "held-out": held}
+    results, judged = {}, {}
+    with stage("7. sample (seen and held-out pairs), rerank, read the garments"):
+        for name, caps in captions.items():
             results[name] = sample(SampleConfig(
-                captions=captions, n=size.images_per_caption, checkpoint=dalle_dir,
+                captions=caps, n=size.images_per_caption, checkpoint=dalle_dir,
                 out=out / "samples" / name, batch_size=32, cond_scale=cfg.cond_scale,
                 seed=cfg.seed, rerank=reranker_dir, device="cpu", progress=cfg.progress,
             ))
-    palette, ceiling, checked = rendered_palette(vqgan_dir, shards, cfg.image_size)
-    faith = {name: faithfulness(results[name], caps, palette)
-             for name, caps in (("seen", seen), ("held-out", held))}
-    faith["VQGAN reconstructions (ceiling)"] = {
-        "match": ceiling, "images": checked, "chance": 1 / len(COLOURS)}
+            judged[name] = judge_results(results[name])
+        faith = {name: caption_faithfulness(judged[name], size.keep, cfg.seed)
+                 for name in captions}
+        faith.update(vqgan_check(vqgan_dir, shards, cfg.image_size, cfg.seed))
 
     with stage("8. score"):
         try:
@@ -309,7 +324,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     result = DemoResult(out=out, report=out / "report.html", timings=stage.timings,
                         faithfulness=faith, scores=scores)
-    write_report(result, cfg, results, {"seen": seen, "held-out": held},
+    write_report(result, cfg, results, judged,
                  {"vqgan": vqgan_dir, "dalle": dalle_dir, "reranker": reranker_dir})
     console.print(summary_table(result))
     console.print(f"report: {result.report}")
@@ -318,10 +333,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 # ---- the report ------------------------------------------------------------------------------
 def summary_table(result: DemoResult) -> Table:
-    table = Table("what", "value", title="kodalle demo")
+    table = Table("what", "colour", "category", "both", "chance (both)",
+                  title="kodalle demo: does the garment follow the caption?")
     for name, f in result.faithfulness.items():
-        table.add_row(f"colour match, {name} combinations",
-                      f"{f['match']:.0%} of {f['images']} images (chance {f['chance']:.0%})")
+        for kind in ("all", "reranked"):
+            if kind in f:
+                label = name if kind == "all" else f"{name}, reranked"
+                table.add_row(label, *(str(f[kind][k]) for k in ("colour", "category", "both")),
+                              f"{f['chance']['both'].value:.0%}")
     for key, value in _flat_scores(result.scores).items():
         table.add_row(key, value)
     for name, seconds in result.timings.items():
@@ -389,12 +408,19 @@ def loss_curves(run_dirs: dict[str, Path]) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def write_report(result: DemoResult, cfg: DemoConfig, results: dict, captions: dict,
+def _share_cells(shares: dict) -> str:
+    return "".join(f"<td>{html.escape(str(shares[k]))}</td>" for k in ("colour", "category", "both"))
+
+
+def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dict,
                  run_dirs: dict[str, Path]) -> Path:
     esc = html.escape
+    size = cfg.size
     parts = [
-        "<!doctype html><meta charset='utf-8'><title>kodalle demo</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "<!doctype html><html lang='ko'><meta charset='utf-8'><title>kodalle demo</title>",
+        "<style>body{font-family:system-ui,-apple-system,'Segoe UI','Noto Sans KR',"
+        "'Noto Sans CJK KR','Apple SD Gothic Neo','Malgun Gothic','NanumGothic',sans-serif;"
+        "max-width:1100px;margin:2em auto}"
         "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}"
         "img{image-rendering:pixelated}.cap{font-size:14px;margin:.8em 0 .2em}</style>",
         "<h1>kodalle demo</h1>",
@@ -402,17 +428,41 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, captions: d
         f"({'quick' if cfg.quick else 'full'} size, {cfg.image_size} px, 8x8 VQGAN codes). "
         "The text encoder is a tiny offline stand-in for klue/roberta-large; the real run "
         "uses <code>--backbone klue-roberta-large</code>.</p>",
-        "<h2>Caption faithfulness</h2><table><tr><th>combinations</th><th>colour match</th>"
-        "<th>images</th><th>chance</th></tr>",
+        "<h2>Caption faithfulness</h2>",
+        "<p>Each generated garment's colour and category are read from its pixels against the "
+        "synthetic set's true palette and shapes (nothing is fitted). Shares with 95% Wilson "
+        "intervals. <i>Chance</i>: the same images scored against other images' captions. "
+        f"<i>Reranked</i>: the reranker's best {size.keep} of {size.images_per_caption} images "
+        "per caption. Held out of training (images, captions and tokenizer): "
+        + esc(", ".join(f"{c} {k}" for c, k in HOLDOUT)) + ".</p>",
+        "<table><tr><th>images</th><th>colour</th><th>category</th><th>both</th></tr>",
     ]
     for name, f in result.faithfulness.items():
-        parts.append(f"<tr><td>{name}</td><td>{f['match']:.0%}</td><td>{f['images']}</td>"
-                     f"<td>{f['chance']:.0%}</td></tr>")
-    parts.append("</table><p>Colours are read from the pixels against how this VQGAN draws "
-                 "each colour (the median garment pixel of its reconstructions of validation "
-                 "images); the last row is how often those reconstructions read back as their "
-                 "own colour, the ceiling for the rows above. Held out of training: "
-                 + esc(", ".join(f"{c} {k}" for c, k in HOLDOUT)) + "</p>")
+        for kind, label in (("all", name), ("reranked", f"{name}, reranked"),
+                            ("chance", f"{name}: chance")):
+            if kind in f:
+                parts.append(f"<tr><td>{esc(label)}</td>{_share_cells(f[kind])}</tr>")
+    parts.append("</table><p>The last rows read every validation image (never trained on) as "
+                 "it is, the checkers' own ceiling at this size, and as the VQGAN reconstructs "
+                 "it: what a DALLE on its codes can at best show.</p>")
+    for name in results:
+        parts.append(f"<h3>Per pair: {esc(name)}</h3><table><tr><th>colour</th>"
+                     "<th>category</th><th>colour right</th><th>category right</th>"
+                     "<th>both right</th></tr>")
+        for row in pair_table(results[name], judged[name]):
+            parts.append(f"<tr><td>{esc(row['colour'])}</td><td>{esc(row['category'])}</td>"
+                         f"{_share_cells(row)}</tr>")
+        parts.append("</table>")
+    parts.append("<h2>Worst captions</h2><p>The captions whose images are most often wrong, "
+                 "with what was read from each image.</p>")
+    for name in results:
+        for share, res, reads in worst_captions(results[name], judged[name]):
+            parts.append(f"<div class='cap'>[{esc(name)}] {esc(res.caption)} — both right "
+                         f"{share:.0%}</div>")
+            parts.append("".join(
+                f"<figure style='display:inline-block;margin:2px'><img src='{_png(im)}' "
+                f"width='96'><figcaption>{esc(str(j.colour))} {esc(str(j.category))}"
+                "</figcaption></figure>" for im, j in zip(res.images, reads, strict=True)))
     parts.append("<h2>Scores</h2><table>")
     for key, value in _flat_scores(result.scores).items():
         parts.append(f"<tr><td>{esc(key)}</td><td>{esc(value)}</td></tr>")
@@ -422,10 +472,10 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, captions: d
         parts.append(f"<h2>Loss curves</h2><img src='{curves}' style='max-width:100%'>")
     recon = run_dirs["vqgan"] / "reconstructions.png"
     if recon.is_file():
-        parts.append("<h2>VQGAN reconstructions</h2><p>top: input, bottom: decoded codes</p>"
-                     f"<img src='{_file_png(recon)}' width='512'>")
+        parts.append("<h2>VQGAN reconstructions</h2><p>top: validation input, bottom: decoded "
+                     f"codes</p><img src='{_file_png(recon)}' width='768'>")
     for name, caption_results in results.items():
-        parts.append(f"<h2>Generated: {name} combinations</h2>")
+        parts.append(f"<h2>Generated: {name} combinations</h2><p>best first (reranked)</p>")
         for res in caption_results:
             parts.append(f"<div class='cap'>{esc(res.caption)}</div>")
             parts.append("".join(f"<img src='{_png(im)}' width='96'> " for im in res.images))
@@ -433,14 +483,18 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, captions: d
     for stage_name, seconds in result.timings.items():
         parts.append(f"<tr><td>{esc(stage_name)}</td><td>{seconds:.0f} s</td></tr>")
     parts.append(f"<tr><td><b>total</b></td><td>{sum(result.timings.values()):.0f} s</td></tr>"
-                 "</table>")
-    tmp = result.report.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(result.report)
-    (result.out / "summary.json").write_text(json.dumps({
-        "timings": result.timings, "faithfulness": result.faithfulness,
+                 "</table></html>")
+    write_text_atomic(result.report, "\n".join(parts))
+    faith = {name: {kind: fa.to_dict(shares) for kind, shares in f.items()}
+             for name, f in result.faithfulness.items()}
+    per_pair = {name: [{k: (v.to_dict() if isinstance(v, fa.Share) else v)
+                        for k, v in row.items()} for row in pair_table(results[name], judged[name])]
+                for name in results}
+    write_json_atomic(result.out / "summary.json", {
+        "timings": result.timings, "faithfulness": faith, "per_pair": per_pair,
         "scores": result.scores.get("metrics", {}),
         "fidelity_skipped": result.scores.get("fidelity_skipped"),
         "config": {k: str(v) for k, v in asdict(cfg).items()},
-    }, ensure_ascii=False, indent=2), encoding="utf-8")
+        "size": asdict(size),
+    })
     return result.report

@@ -22,3 +22,17 @@ def progress_bar(*middle, title: str = "{task.description}", enabled: bool = Tru
     if eta:
         columns += [TextColumn("ETA"), TimeRemainingColumn()]
     return Progress(*columns, disable=not enabled, transient=False)
+
+
+def quiet_libraries() -> None:
+    """Keep other libraries' progress bars out of kodalle's output (transformers' "Loading
+    weights" / "Writing model shards", huggingface_hub's downloads): kodalle shows its own.
+    Cheap: imports nothing; call it before those libraries load, or at any time after."""
+    import os
+    import sys
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by both at import
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 
-from kodalle_cli.demo import HOLDOUT, caption_colour
+from kodalle_cli.demo import HOLDOUT, caption_category, caption_colour
 
 
 def test_caption_colour_reads_the_colour_sentence():
     assert caption_colour("상의에서 색상은 레드이다. 카테고리는 티셔츠이다.") == "레드"
     assert caption_colour("하의에서 기장은 발목이다. 색상은 네이비이다.") == "네이비"
     assert caption_colour("카테고리는 티셔츠이다.") is None
+    assert caption_category("상의에서 색상은 레드이다. 카테고리는 티셔츠이다.") == "티셔츠"
 
 
 @pytest.mark.slow
@@ -29,15 +30,37 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "--backbone klue-roberta-large" in result.stdout  # says what a real run uses
     report = (out / "report.html").read_text(encoding="utf-8")
     assert report.count("data:image/png;base64,") >= 10  # grids, reconstructions, curves
-    for heading in ("Caption faithfulness", "Scores", "Loss curves", "VQGAN reconstructions",
+    for heading in ("Caption faithfulness", "Per pair: seen", "Per pair: held-out",
+                    "Worst captions", "Scores", "Loss curves", "VQGAN reconstructions",
                     "Generated: seen combinations", "Generated: held-out combinations",
                     "Timings"):
         assert heading in report
+    assert "Noto Sans KR" in report  # a font stack that has Hangul
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    faith = summary["faithfulness"]
     for name in ("seen", "held-out"):
-        f = summary["faithfulness"][name]
-        assert f["images"] > 0 and 0.0 <= f["match"] <= 1.0 and f["chance"] == pytest.approx(1 / 6)
+        for kind in ("all", "reranked", "chance"):
+            for what in ("colour", "category", "both"):
+                share = faith[name][kind][what]
+                assert share["n"] > 0 and 0.0 <= share["share"] <= 1.0
+                assert share["ci95"][0] <= share["share"] <= share["ci95"][1]
+    # the checkers read the validation images themselves (almost) perfectly
+    assert faith["validation images"]["all"]["colour"]["share"] == 1.0
+    assert faith["validation images"]["all"]["category"]["share"] >= 0.95
+    assert "VQGAN reconstructions" in faith
+    assert {r["colour"] + " " + r["category"] for r in summary["per_pair"]["held-out"]} == {
+        f"{c} {k}" for c, k in HOLDOUT}
     assert set(summary["timings"]) >= {"2. prepare -> shards", "5. train DALLE", "8. score"}
     assert "clip_score" in summary["scores"]
+    # held-out pairs never reach anything trained: not one training caption has one
+    from kodalle_cli.data.shards import iter_image_samples
+
+    trained = {s.caption for s in iter_image_samples(out / "shards", split="train")}
+    assert not {(caption_colour(c), caption_category(c)) for c in trained} & set(HOLDOUT)
+    held = [json.loads(p.read_text(encoding="utf-8"))["caption"]
+            for p in (out / "samples" / "held-out").glob("*/metadata.json")]
+    assert len(held) == len(HOLDOUT) and not set(held) & trained
     held_out_pairs = {f"{c} {k}" for c, k in HOLDOUT}
     assert all(pair in report for pair in held_out_pairs)
+    assert "Writing model shards" not in result.stdout + result.stderr  # no library bars
+    assert "Loading weights" not in result.stdout + result.stderr

@@ -399,14 +399,25 @@ def _normalised_silhouette(mask: np.ndarray) -> tuple[np.ndarray, float] | None:
     return np.asarray(im, np.float32) / 255.0 > 0.5, aspect
 
 
+def _closed_mask(foreground_mask: np.ndarray) -> np.ndarray:
+    """The garment's silhouette: the holes a white print leaves closed (a morphological
+    closing whose size follows the image's)."""
+    size = max(foreground_mask.shape)
+    mask = Image.fromarray(foreground_mask.astype(np.uint8) * 255, "L")
+    k = max(3, (size // 32) | 1)
+    mask = mask.filter(ImageFilter.MaxFilter(k)).filter(ImageFilter.MinFilter(k))
+    return np.asarray(mask) > 127
+
+
 @lru_cache(maxsize=8)
 def _templates(size: int) -> list[tuple[str, np.ndarray, float]]:
+    """Every category, sleeve and length, drawn at ``size`` and closed as images are."""
     out = []
     for category in CATEGORIES:
         for sleeve in SLEEVES.get(category, (None,)):
             for length in LENGTHS.get(category, (None,)):
-                sil = _normalised_silhouette(garment_mask(category, size, sleeve, length) > 0.5)
-                out.append((category, *sil))
+                mask = _closed_mask(garment_mask(category, size, sleeve, length) > 0.5)
+                out.append((category, *_normalised_silhouette(mask)))
     return out
 
 
@@ -416,10 +427,7 @@ def garment_category(image) -> str | None:
     None when the image is all background."""
     arr = _rgb(image)
     size = max(arr.shape[:2])
-    mask = Image.fromarray(foreground(arr).astype(np.uint8) * 255, "L")
-    k = max(3, (size // 32) | 1)  # close the holes a white print leaves
-    mask = mask.filter(ImageFilter.MaxFilter(k)).filter(ImageFilter.MinFilter(k))
-    sil = _normalised_silhouette(np.asarray(mask) > 127)
+    sil = _normalised_silhouette(_closed_mask(foreground(arr)))
     if sil is None:
         return None
     shape, aspect = sil

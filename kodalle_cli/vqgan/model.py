@@ -225,13 +225,28 @@ class Decoder(nn.Module):
 
 # ---- quantizers (taming.modules.vqvae.quantize) ----------------------------------------------
 class VectorQuantizer(nn.Module):
-    """Nearest-codebook-entry quantizer (taming's VectorQuantizer2, legacy loss)."""
+    """Nearest-codebook-entry quantizer (taming's VectorQuantizer2, legacy loss).
 
-    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25):
+    ``l2_codes`` (a training recipe, as in ViT-VQGAN): features and codes are compared on the
+    unit sphere, and the codebook is kept unit-norm (:meth:`renormalise` after each optimizer
+    step). The stored model stays taming's: with unit-norm codes, taming's Euclidean nearest
+    code of the raw feature is the same code (``|z - e|^2 = |z|^2 + 1 - 2 z.e``), and the
+    decoder gets the same code vector.
+    """
+
+    def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, l2_codes: bool = False):
         super().__init__()
         self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
+        self.l2_codes = l2_codes
         self.embedding = nn.Embedding(n_embed, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        self.renormalise()
+
+    @torch.no_grad()
+    def renormalise(self) -> None:
+        """With ``l2_codes``: put every code back on the unit sphere."""
+        if self.l2_codes:
+            self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=1))
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] pre-quant features -> [B, h, w] code indices."""
@@ -246,6 +261,8 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: torch.Tensor):
         """Quantize with a straight-through gradient; returns (z_q, loss, codes)."""
+        if self.l2_codes:
+            z = F.normalize(z, dim=1)
         codes = self.codes(z)
         z_q = self.lookup(codes)
         # taming's legacy weighting: codebook term + beta * commitment term

@@ -65,12 +65,20 @@ class VQGANTrainConfig:
     seed: int = 0
     device: str = "auto"
     restart_after: int = 50  # steps a code may go unused before it is restarted
+    l2_codes: bool = False  # compare features and codes on the unit sphere (ViT-VQGAN)
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 2
     resume: bool = False  # a checkpoint in `out` is resumed anyway (the trainer's rule)
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **options) -> VQGANTrainConfig:
+        """The recipe's settings, with ``options`` (those not None) on top."""
+        if recipe not in RECIPES:
+            raise UsageError(f"unknown --recipe {recipe!r} (choose {', '.join(RECIPES)})")
+        return cls(**{**RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}})
 
     def model_config(self) -> VQGANConfig:
         f = 2 ** (len(self.ch_mult) - 1)
@@ -86,6 +94,20 @@ class VQGANTrainConfig:
                            num_res_blocks=self.num_res_blocks, attn_resolutions=tuple(attn),
                            resolution=self.resolution, z_channels=self.embed_dim,
                            extra={"base_learning_rate": self.lr / self.batch_size})
+
+
+# Named settings for `kodalle train vqgan --recipe NAME`; explicit options override them.
+# docs/vqgan.md says why each one is what it is.
+RECIPES: dict[str, dict] = {
+    # KoDALLE's tokenizer: 256 px, f16 (16x16 = 256 codes), 16384 codes (taming's defaults)
+    "kodalle": {},
+    # small flat-colour product images (the demo's garments): 32 px, f4 (8x8 codes). Enough
+    # channels per GroupNorm group to carry a flat colour, few unit-norm 8-dim codes, and a
+    # learning rate a few hundred steps can use.
+    "small-flat": dict(resolution=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1,
+                       attn_resolutions=(), n_embed=512, embed_dim=8, l2_codes=True, lr=5e-4,
+                       batch_size=8, restart_after=100, max_steps=2000),
+}
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -229,6 +251,8 @@ class VQGANTask(Task):
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model = VQGAN(cfg.model_config()).to(device)
+        self.model.quantize.l2_codes = cfg.l2_codes
+        self.model.quantize.renormalise()
         self.loss_fn = VQGANLoss(cfg).to(device)
         disc = self.loss_fn.discriminator
         self.opt_d = adam(disc.parameters(), cfg.lr) if disc is not None else None
@@ -273,6 +297,7 @@ class VQGANTask(Task):
             self.opt_d.step()
         self.step = step
         logs["restarted"] = self.monitor.restart(model, features, step, optimizer)
+        self.model.quantize.renormalise()
         return logs
 
     def evaluate(self, model, step):
