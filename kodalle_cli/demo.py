@@ -28,6 +28,7 @@ import io
 import json
 import re
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -68,8 +69,8 @@ class DemoSize:
     score_samples: int
 
 
-FULL = DemoSize(samples=4000, vqgan_steps=1500, dalle_steps=1500, dalle_dim=128,
-                dalle_depth=4, reranker_steps=200, seen_captions=24, captions_per_holdout=2,
+FULL = DemoSize(samples=4000, vqgan_steps=2000, dalle_steps=1500, dalle_dim=128,
+                dalle_depth=4, reranker_steps=200, seen_captions=30, captions_per_holdout=2,
                 images_per_caption=8, keep=2, score_samples=96)
 QUICK = DemoSize(samples=400, vqgan_steps=40, dalle_steps=60, dalle_dim=64, dalle_depth=2,
                  reranker_steps=10, seen_captions=3, captions_per_holdout=1,
@@ -135,9 +136,12 @@ def seen_captions(shards: Path, count: int) -> list[str]:
         pair = (caption_colour(sample.caption), caption_category(sample.caption))
         if sample.caption not in by_pair[pair]:
             by_pair[pair].append(sample.caption)
+    # pairs in an order that walks through colours and categories alike
+    pairs = sorted(by_pair, key=lambda p: ((COLOURS.index(p[0]) - CATEGORIES.index(p[1])) % 6,
+                                           COLOURS.index(p[0])))
     captions = []
     for rank in range(max((len(v) for v in by_pair.values()), default=0)):
-        for pair in sorted(by_pair):
+        for pair in pairs:
             if rank < len(by_pair[pair]) and len(captions) < count:
                 captions.append(by_pair[pair][rank])
     return captions
@@ -178,12 +182,12 @@ def vqgan_check(vqgan_dir: Path, shards: Path, size: int, seed: int) -> dict[str
     return out
 
 
-def pair_table(results, judged: list[list[fa.Judged]]) -> list[dict]:
-    """One row per colour/category pair: images, colour, category and both right."""
+def pair_table(results, judged: list[list[fa.Judged]]) -> list[tuple[str, str, dict]]:
+    """One row per colour/category pair: (colour, category, shares right)."""
     rows: dict[tuple, list[fa.Judged]] = defaultdict(list)
     for r, per in zip(results, judged, strict=True):
         rows[(caption_colour(r.caption), caption_category(r.caption))].extend(per)
-    return [{"colour": c, "category": k, **fa.summarise(js)} for (c, k), js in sorted(rows.items())]
+    return [(c, k, fa.summarise(js)) for (c, k), js in sorted(rows.items())]
 
 
 def worst_captions(results, judged, count: int = 4) -> list[tuple]:
@@ -243,12 +247,14 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     vqgan_dir = runs / "vqgan"
     with stage("3. train vqgan (small-flat recipe: 32 px -> 8x8 codes)"):
         if not (vqgan_dir / "model.safetensors").is_file():
-            train_vqgan(VQGANTrainConfig.from_recipe(
-                "small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
-                max_steps=size.vqgan_steps, seed=cfg.seed, progress=cfg.progress,
-                resume=(vqgan_dir / "checkpoints").is_dir(),
-                save_every=max(size.vqgan_steps // 3, 1),
-            ))
+            with warnings.catch_warnings():  # offline: no LPIPS weights, and it says so
+                warnings.filterwarnings("ignore", message="no --lpips-weights")
+                train_vqgan(VQGANTrainConfig.from_recipe(
+                    "small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
+                    max_steps=size.vqgan_steps, seed=cfg.seed, progress=cfg.progress,
+                    resume=(vqgan_dir / "checkpoints").is_dir(),
+                    save_every=max(size.vqgan_steps // 3, 1),
+                ))
 
     backbone_dir = out / "backbone-klue-standin"
     with stage("4. tiny Korean backbone + tokenize"):
@@ -326,6 +332,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
                         faithfulness=faith, scores=scores)
     write_report(result, cfg, results, judged,
                  {"vqgan": vqgan_dir, "dalle": dalle_dir, "reranker": reranker_dir})
+    console.print(details_table(result))
     console.print(summary_table(result))
     console.print(f"report: {result.report}")
     return result
@@ -333,18 +340,27 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 # ---- the report ------------------------------------------------------------------------------
 def summary_table(result: DemoResult) -> Table:
-    table = Table("what", "colour", "category", "both", "chance (both)",
-                  title="kodalle demo: does the garment follow the caption?")
+    from rich.table import Column
+
+    table = Table(Column("images", no_wrap=True), "colour", "category", "both",
+                  title="kodalle demo: does the garment follow the caption? (95% intervals)")
     for name, f in result.faithfulness.items():
-        for kind in ("all", "reranked"):
+        for kind in ("all", "reranked", "chance"):
             if kind in f:
-                label = name if kind == "all" else f"{name}, reranked"
-                table.add_row(label, *(str(f[kind][k]) for k in ("colour", "category", "both")),
-                              f"{f['chance']['both'].value:.0%}")
+                label = name if kind == "all" else f"{name}, {kind}"
+                table.add_row(label, *(str(f[kind][k]) for k in ("colour", "category", "both")))
+    return table
+
+
+def details_table(result: DemoResult) -> Table:
+    from rich.table import Column
+
+    table = Table(Column("what", no_wrap=True), Column("value", overflow="fold"),
+                  title="scores and timings")
     for key, value in _flat_scores(result.scores).items():
         table.add_row(key, value)
     for name, seconds in result.timings.items():
-        table.add_row(f"time: {name}", f"{seconds:.0f} s")
+        table.add_row(f"time: {name.split(' (')[0]}", f"{seconds:.0f} s")
     table.add_row("time: total", f"{sum(result.timings.values()):.0f} s")
     return table
 
@@ -449,9 +465,9 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
         parts.append(f"<h3>Per pair: {esc(name)}</h3><table><tr><th>colour</th>"
                      "<th>category</th><th>colour right</th><th>category right</th>"
                      "<th>both right</th></tr>")
-        for row in pair_table(results[name], judged[name]):
-            parts.append(f"<tr><td>{esc(row['colour'])}</td><td>{esc(row['category'])}</td>"
-                         f"{_share_cells(row)}</tr>")
+        for colour, category, shares in pair_table(results[name], judged[name]):
+            parts.append(f"<tr><td>{esc(colour)}</td><td>{esc(category)}</td>"
+                         f"{_share_cells(shares)}</tr>")
         parts.append("</table>")
     parts.append("<h2>Worst captions</h2><p>The captions whose images are most often wrong, "
                  "with what was read from each image.</p>")
@@ -487,8 +503,8 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
     write_text_atomic(result.report, "\n".join(parts))
     faith = {name: {kind: fa.to_dict(shares) for kind, shares in f.items()}
              for name, f in result.faithfulness.items()}
-    per_pair = {name: [{k: (v.to_dict() if isinstance(v, fa.Share) else v)
-                        for k, v in row.items()} for row in pair_table(results[name], judged[name])]
+    per_pair = {name: [{"pair": [colour, category], **fa.to_dict(shares)}
+                       for colour, category, shares in pair_table(results[name], judged[name])]
                 for name in results}
     write_json_atomic(result.out / "summary.json", {
         "timings": result.timings, "faithfulness": faith, "per_pair": per_pair,

@@ -362,7 +362,10 @@ def run_score(cfg: ScoreConfig) -> dict:
 def score_table(result: dict):
     from rich.table import Table
 
-    table = Table("metric", "value", title=f"kodalle score ({result['num_samples']} samples)")
+    from rich.table import Column
+
+    table = Table(Column("metric", no_wrap=True), "value",
+                  title=f"kodalle score ({result['num_samples']} samples)")
     for name, value in result["metrics"].items():
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
     return table

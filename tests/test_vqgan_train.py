@@ -102,6 +102,45 @@ def test_train_vqgan_writes_taming_compatible_outputs(shards, tmp_path):
     assert load_vqgan(out / "vqgan.ckpt").identity() == ours.identity()
 
 
+def test_l2_codes_stay_unit_norm_and_taming_picks_the_same_codes(shards, tmp_path):
+    """--l2-codes trains on the unit sphere; the saved model is still taming's VQModel, and
+    taming's Euclidean nearest code of the raw feature is the code kodalle picks."""
+    out = tmp_path / "vqgan-l2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        train_vqgan(tiny(shards, out, l2_codes=True))
+    ours = load_vqgan(out)
+    norms = ours.codebook.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    images = torch.stack([torch.from_numpy(np.array(blob_image(np.random.default_rng(s))))
+                          .permute(2, 0, 1).float() / 255 for s in range(4)]).contiguous()
+    codes = ours.encode(images)
+
+    from taming.main import instantiate_from_config
+
+    config = yaml.safe_load((out / "vqgan.yaml").read_text())
+    taming = instantiate_from_config(config["model"])
+    sd = torch.load(out / "vqgan.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    taming.load_state_dict(sd, strict=False)
+    taming.eval()
+    with torch.no_grad():
+        quant, _, (_, _, indices) = taming.encode(images * 2 - 1)
+        ref = (taming.decode(quant).clamp(-1, 1) + 1) / 2
+    assert torch.equal(codes.flatten(), indices.flatten())
+    assert (ours.decode(codes) - ref).abs().max() < 1e-5
+
+
+def test_recipes_set_defaults_that_options_override():
+    cfg = VQGANTrainConfig.from_recipe("small-flat", data="d", lr=None, max_steps=7)
+    assert (cfg.resolution, cfg.ch, cfg.n_embed, cfg.embed_dim, cfg.l2_codes) == (32, 64, 512,
+                                                                                 8, True)
+    assert cfg.max_steps == 7 and cfg.lr == 5e-4  # None keeps the recipe's value
+    assert cfg.model_config().fmap_size == 8
+    assert VQGANTrainConfig.from_recipe("kodalle") == VQGANTrainConfig()
+    with pytest.raises(Exception, match="unknown --recipe"):
+        VQGANTrainConfig.from_recipe("nope")
+
+
 def test_train_vqgan_resume_equals_an_uninterrupted_run(shards, tmp_path):
     """Stopped at step 4 and run again to 6: the same VQGAN, discriminator and metrics as
     one run to 6 (optimizers, codebook usage, RNG and data position are restored)."""
