@@ -27,6 +27,7 @@ import html
 import io
 import json
 import re
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -302,6 +303,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     results, judged = {}, {}
     with stage("7. sample (seen and held-out pairs), rerank, read the garments"):
         for name, caps in captions.items():
+            shutil.rmtree(out / "samples" / name, ignore_errors=True)  # this run's images only
             results[name] = sample(SampleConfig(
                 captions=caps, n=size.images_per_caption, checkpoint=dalle_dir,
                 out=out / "samples" / name, batch_size=32, cond_scale=cfg.cond_scale,
