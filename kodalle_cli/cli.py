@@ -74,7 +74,7 @@ def prepare(
     out: Path = typer.Option(Path("shards"), "--out", "-o", help="Output directory for shards."),
     format: str = typer.Option("auto", help="auto|kfashion|folder|jsonl|csv"),
     caption_style: str = typer.Option("per-part", help="per-part|per-attribute|compact"),
-    include_style: bool = typer.Option(False, help="Add the style (스타일) sentence."),
+    include_style: bool = typer.Option(False, "--include-style", help="Add the style (스타일) sentence."),
     caption_pick: str = typer.Option("all", help="folder format: first|all caption lines."),
     crop: str = typer.Option("none", help="none|garments (crop to the labelled rectangles)."),
     crop_margin: float = typer.Option(0.05, help="Margin around the garment crop."),
@@ -83,7 +83,7 @@ def prepare(
     val_fraction: float = typer.Option(0.0, help="Share of samples for val shards."),
     shard_size: int = typer.Option(10000, help="Samples per shard."),
     workers: int = typer.Option(0, help="Worker processes (0: all cores)."),
-    strict: bool = typer.Option(False, help="Stop at the first bad sample."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad sample."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Turn images and labels into WebDataset shards (jpg, txt caption, json metadata).
@@ -154,9 +154,9 @@ def train(
     text_seq_len: int | None = typer.Option(
         None, help="Caption tokens (default: the token shards', KoDALLE's 128)."
     ),
-    freeze_text_emb: bool = typer.Option(False, help="Keep the backbone tables fixed."),
+    freeze_text_emb: bool = typer.Option(False, "--freeze-text-emb", help="Keep the backbone tables fixed."),
     loss_img_weight: float = typer.Option(7.0),
-    text_loss_on_padding: bool = typer.Option(False, help="Count padding in the text loss."),
+    text_loss_on_padding: bool = typer.Option(False, "--text-loss-on-padding", help="Count padding in the text loss."),
     cond_drop: float = typer.Option(0.0, help="Share of captions dropped (for guidance)."),
     lr: float = typer.Option(3e-5),
     weight_decay: float = typer.Option(3e-3),
@@ -166,8 +166,9 @@ def train(
     grad_accum: int = typer.Option(1),
     grad_clip: float = typer.Option(0.5),
     precision: str = typer.Option("auto", help="auto|bf16|fp16|fp32"),
-    grad_checkpointing: bool = typer.Option(False),
-    compile: bool = typer.Option(False),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     max_steps: int | None = typer.Option(None),
     epochs: int | None = typer.Option(None),
     seed: int = typer.Option(0),
@@ -175,7 +176,7 @@ def train(
     keep_last: int = typer.Option(3),
     eval_every: int = typer.Option(500),
     sample_every: int = typer.Option(1000),
-    resume: bool = typer.Option(False, help="Continue the run in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     max_bad_steps: int = typer.Option(10, help="Stop after this many non-finite losses in a row."),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
     workers: int = typer.Option(2, help="Data-loader worker processes per rank."),
@@ -233,7 +234,7 @@ def train_vqgan(
     log_every: int = typer.Option(10, min=1, help="metrics.csv row every N steps."),
     restart_after: int | None = typer.Option(
         None, min=1, help="Restart codes unused for N steps [kodalle: 50]."),
-    resume: bool = typer.Option(False, help="Require a checkpoint in --out to continue (a run "
+    resume: bool = typer.Option(False, "--resume", help="Require a checkpoint in --out to continue (a run "
                                 "with one continues anyway)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
@@ -286,7 +287,7 @@ def train_reranker(
     save_every: int = typer.Option(500),
     keep_last: int = typer.Option(2),
     precision: str = typer.Option("auto", help="auto|bf16|fp16|fp32"),
-    resume: bool = typer.Option(False, help="Continue the run in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto|cpu|cuda"),
 ) -> None:
@@ -432,7 +433,11 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table("name", "language", "source", "vocab", "dim", "positions", "plugin")
+    from rich.table import Column
+
+    # names are what users type after --backbone: never cut; the other columns fold
+    table = Table(Column("name", no_wrap=True), "language", Column("source", overflow="fold"),
+                  "vocab", "dim", "positions", Column("plugin", overflow="fold"))
     for r in rows:
         positions = r["positions"]
         shown = "?" if positions is None else ("none" if positions == 0 else str(positions))
@@ -446,16 +451,27 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo"), help="Output directory."),
-    quick: bool = typer.Option(False, help="A ~2 minute version (used by the tests)."),
+    out: Path | None = typer.Option(None, help="Output directory (default: demo, or "
+                             "demo-EXPERIMENT with --experiment)."),
+    quick: bool = typer.Option(False, "--quick", help="A ~2 minute version (used by the tests)."),
+    experiment: str | None = typer.Option(
+        None, help="Run an experiment instead of the demo: unseen-words (captions with "
+        "words never seen in training, pretrained vs random text tables)."),
 ) -> None:
     """Run the whole pipeline on built-in synthetic K-Fashion data and write a report.
 
-    Example: kodalle demo --out demo
+    Example: kodalle demo --out demo; kodalle demo --experiment unseen-words
     """
+    if experiment is not None:
+        if experiment != "unseen-words":
+            raise UsageError(f"unknown --experiment {experiment!r} (choose unseen-words)")
+        from kodalle_cli.unseen_words import UnseenConfig, run_unseen_words
+
+        run_unseen_words(UnseenConfig(out=out or Path("demo-unseen-words"), quick=quick))
+        return
     from kodalle_cli.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, quick=quick))
+    run_demo(DemoConfig(out=out or Path("demo"), quick=quick))
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -69,3 +69,38 @@ def test_console_script_and_module_entry_points():
         check=True,
     ).stdout
     assert out.strip() == f"kodalle {__version__}"
+
+
+def test_every_option_name_is_whole_in_80_column_help():
+    """Names are what users type: `--help` in an 80-column terminal may wrap descriptions
+    but never cuts an option or a subcommand name."""
+    import os
+
+    import typer
+
+    from kodalle_cli.cli import app
+
+    script = (
+        "import sys\nfrom kodalle_cli.cli import main\n"
+        "for args in sys.argv[1:]:\n"
+        "    print('=====', args)\n"
+        "    try:\n        main(args.split() + ['--help'])\n"
+        "    except SystemExit:\n        pass\n"
+    )
+    env = {**os.environ, "COLUMNS": "80", "TERMINAL_WIDTH": "80", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-c", script, *COMMANDS], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    helps = dict(zip(COMMANDS, out.split("===== ")[1:], strict=True))
+    root = typer.main.get_command(app)
+    for name in COMMANDS:
+        command = root
+        for part in name.split():
+            command = command.commands[part]
+        text = helps[name]
+        assert max(len(line) for line in text.splitlines()) <= 80
+        for param in command.params:
+            for opt in [*param.opts, *param.secondary_opts]:
+                if opt.startswith("--"):
+                    assert opt in text.replace("\n", " "), f"{name}: {opt} cut in --help"
+        for sub in getattr(command, "commands", {}):
+            assert sub in text, f"{name}: subcommand {sub} cut"
