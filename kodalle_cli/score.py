@@ -360,9 +360,7 @@ def run_score(cfg: ScoreConfig) -> dict:
 
 
 def score_table(result: dict):
-    from rich.table import Table
-
-    from rich.table import Column
+    from rich.table import Column, Table
 
     table = Table(Column("metric", no_wrap=True), "value",
                   title=f"kodalle score ({result['num_samples']} samples)")
