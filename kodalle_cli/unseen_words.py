@@ -31,19 +31,15 @@ Nothing here is Korean-facing: the report uses the English words only.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import random
 import re
 import shutil
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,6 +49,7 @@ from rich.table import Table
 from kodalle_cli import faithfulness as fa
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
+from kodalle_cli.demo import PALETTE, Stages, _png, vqgan_check
 from kodalle_cli.errors import KodalleError
 
 console = Console()
@@ -370,7 +367,6 @@ def write_data(raw: Path, shards: Path, samples: int, seed: int, image_size: int
 
 
 # ---- judging ---------------------------------------------------------------------------------
-PALETTE = {c: synthetic.COLOURS[c] for c in TRAIN_COLOUR_WORDS}  # the true colours
 
 
 def judge_images(images, caption: CaptionSpec) -> list[fa.Judged]:
@@ -515,19 +511,6 @@ class UnseenResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _Stages:
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        console.rule(f"[bold]{name}")
-        start = time.perf_counter()
-        yield
-        self.timings[name] = time.perf_counter() - start
-        console.print(f"[green]done[/green] {name} in {self.timings[name]:.1f} s")
-
-
 def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
     from kodalle_cli.generate import SampleConfig, sample
     from kodalle_cli.progress import quiet_libraries
@@ -536,7 +519,7 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
     from kodalle_cli.vqgan.train import VQGANTrainConfig, train_vqgan
 
     quiet_libraries()
-    size, out, stage = cfg.size, Path(cfg.out), _Stages()
+    size, out, stage = cfg.size, Path(cfg.out), Stages()
     out.mkdir(parents=True, exist_ok=True)
     raw, shards, runs = out / "garments", out / "shards", out / "runs"
     captions = caption_sets(size.captions_per_combo, cfg.seed)
@@ -630,7 +613,8 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
             write_json_atomic(out / "judged" / f"{arm_name}-s{seed}.json", judged_rows)
             records[arm_name][seed] = {k: v for name in CAPTION_SETS
                                        for k, v in subsets(per_set[name], name).items()}
-        ceiling = vqgan_ceiling(vqgan_dir, shards, cfg.image_size, cfg.seed)
+        ceiling = vqgan_check(vqgan_dir, shards, cfg.image_size, cfg.seed,
+                              target=caption_concepts)
 
     arms = {arm.name: summarise_arm(records[arm.name], cfg.seed) for arm in arms_run}
     comparisons = compare(arms)
@@ -669,26 +653,6 @@ def pick_grid_captions(unseen: Sequence[CaptionSpec], count: int) -> list[Captio
         if len(picked) < count and c not in picked:
             picked.append(c)
     return picked
-
-
-def vqgan_ceiling(vqgan_dir: Path, shards: Path, size: int, seed: int) -> dict:
-    """Validation images as they are and as the VQGAN reconstructs them, judged the same
-    way: the most a DALLE on these codes can show."""
-    from kodalle_cli.data.images import to_tensor
-    from kodalle_cli.data.shards import iter_image_samples
-    from kodalle_cli.vqgan.load import load_vqgan
-
-    samples = list(iter_image_samples(shards, split="val"))
-    vqgan = load_vqgan(vqgan_dir)
-    images = to_tensor([s.image for s in samples], size=size)
-    recon = vqgan.decode(vqgan.encode(images, batch_size=64), batch_size=64)
-    wants = [caption_concepts(s.caption) for s in samples]
-    out = {}
-    for name, pixels in (("validation images", images), ("VQGAN reconstructions", recon)):
-        judged = [fa.judge(p, c, k, PALETTE) for p, (c, k) in zip(pixels, wants, strict=True)]
-        out[name] = {"all": fa.summarise(judged), "chance": fa.summarise(fa.shuffled(judged,
-                                                                                     seed))}
-    return out
 
 
 # ---- summary and report ----------------------------------------------------------------------
@@ -748,12 +712,6 @@ def summary_table(arms: dict) -> Table:
                           f"{s['chance']['colour'].value:.0%}",
                           f"{s['chance']['category'].value:.0%}")
     return table
-
-
-def _png(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _pct(x: float) -> str:
