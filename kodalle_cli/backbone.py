@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.errors import KodalleError, UsageError, warn
 
 POSITION_MODULE_NAMES = ("position_embeddings", "wpe", "embed_positions")
 TOKENIZER_FILES = (
@@ -360,7 +360,10 @@ def registered_backbones() -> dict[str, Backbone]:
             if not isinstance(backbone, Backbone):
                 raise TypeError(f"register() takes a kodalle Backbone, got {type(backbone)}")
             backbone.plugin = backbone.plugin or plugin_label(_plugin)
-            found.setdefault(backbone.name, backbone)
+            first = found.setdefault(backbone.name, backbone)
+            if first is not backbone:
+                warn(f"backbone {backbone.name!r} is registered by both {first.plugin} and "
+                     f"{backbone.plugin}; using {first.plugin}'s")
 
         impl.function(register=register)
     return found

@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints these as one red line (traceback only with --debug)."""
+"""User-facing errors and warnings: the CLI prints these as one line (traceback only with --debug)."""
 
 
 class KodalleError(Exception):
@@ -11,3 +11,11 @@ class UsageError(KodalleError):
     """The command line itself is wrong (exit status 2, like click's usage errors)."""
 
     exit_code = 2
+
+
+def warn(message: str) -> None:
+    """One yellow ``Warning: ...`` line on stderr: something the user should know, not fatal."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"Warning: {message}", style="yellow", markup=False,
+                               highlight=False, soft_wrap=True)

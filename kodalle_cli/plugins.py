@@ -1,14 +1,7 @@
-"""The plugin system: pluggy hooks found through the ``kodalle`` entry-point group.
+"""Loading plugins: pluggy hooks found through the ``kodalle`` entry-point group.
 
 A plugin is any installed distribution with an entry point in the ``kodalle`` group whose
-module implements :func:`kodalle_register_backbones`::
-
-    from kodalle_cli import hookimpl
-    from kodalle_cli.backbone import Backbone
-
-    @hookimpl
-    def kodalle_register_backbones(register):
-        register(Backbone(name="my-lm", source="org/my-lm", language="xx"))
+module implements hooks of :mod:`kodalle_cli.hookspecs` (see there for an example).
 
 ``KODALLE_PLUGINS`` (a comma list of entry-point or distribution names) limits which
 plugins load; set to an empty string it loads none.
@@ -18,20 +11,13 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
-from collections.abc import Callable
 
 import pluggy
 
-PROJECT = "kodalle"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
+from kodalle_cli import hookspecs
+from kodalle_cli.hookspecs import PROJECT, hookimpl
 
-
-class Hookspecs:
-    @hookspec
-    def kodalle_register_backbones(self, register: Callable) -> None:
-        """Call ``register(backbone)`` once per :class:`~kodalle_cli.backbone.Backbone`."""
-
+__all__ = ["get_plugin_manager", "hookimpl", "plugin_label", "reset_plugin_manager"]
 
 _pm: pluggy.PluginManager | None = None
 _dists: dict[str, str] = {}  # plugin name -> distribution that provides it
@@ -49,7 +35,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
     global _pm
     if _pm is None:
         pm = pluggy.PluginManager(PROJECT)
-        pm.add_hookspecs(Hookspecs)
+        pm.add_hookspecs(hookspecs)
         allowed = _allowed()
         for ep in md.entry_points(group=PROJECT):
             dist = ep.dist.name if ep.dist else ""

@@ -105,3 +105,28 @@ def test_example_plugin_tables_equal_the_real_bert(example_plugin, fresh_plugins
     assert emb.position_offset == 0 and emb.pad_id == 0
     ids = backbone.load_tokenizer()("a red t-shirt").input_ids
     assert ids[0] == 101 and ids[-1] == 102  # a real BERT vocabulary: [CLS] ... [SEP]
+
+
+def test_a_duplicate_backbone_name_warns_naming_both_plugins(fresh_plugins, capsys):
+    plugin = types.ModuleType("copycat")
+
+    @hookimpl
+    def kodalle_register_backbones(register):
+        register(Backbone(name="klue-roberta-large", source="someone/else", language="ko"))
+
+    plugin.kodalle_register_backbones = kodalle_register_backbones
+    get_plugin_manager().register(plugin, name="copycat")
+    found = registered_backbones()
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'klue-roberta-large' is registered by both kodalle:klue and copycat" in err
+    assert found["klue-roberta-large"].source == "klue/roberta-large"  # the first one stays
+
+
+def test_hookspecs_document_every_hook():
+    from kodalle_cli import hookspecs
+
+    pm = get_plugin_manager()
+    for name in vars(pm.hook):
+        if name.startswith("kodalle_"):
+            doc = getattr(hookspecs, name).__doc__
+            assert doc and len(doc.strip().splitlines()) == 1, name
