@@ -435,9 +435,12 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
         return
     from rich.table import Column
 
-    # names are what users type after --backbone: never cut; the other columns fold
-    table = Table(Column("name", no_wrap=True), "language", Column("source", overflow="fold"),
-                  "vocab", "dim", "positions", Column("plugin", overflow="fold"))
+    # names are what users type after --backbone, and headers and numbers are short: never
+    # cut those; the source and plugin columns fold
+    whole = [Column(h, no_wrap=True) for h in ("name", "language")]
+    numbers = [Column(h, no_wrap=True, justify="right") for h in ("vocab", "dim", "positions")]
+    table = Table(*whole, Column("source", overflow="fold"), *numbers,
+                  Column("plugin", overflow="fold"))
     for r in rows:
         positions = r["positions"]
         shown = "?" if positions is None else ("none" if positions == 0 else str(positions))

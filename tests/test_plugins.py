@@ -130,3 +130,14 @@ def test_hookspecs_document_every_hook():
         if name.startswith("kodalle_"):
             doc = getattr(hookspecs, name).__doc__
             assert doc and len(doc.strip().splitlines()) == 1, name
+
+
+def test_backbones_table_shows_names_and_headers_whole_at_80_columns():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80", "NO_COLOR": "1"}
+    out = subprocess.run([*KODALLE, "backbones"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert max(len(line) for line in out.splitlines()) <= 80
+    cells = {cell.strip() for line in out.splitlines() for cell in line.split("│")}
+    header = {cell.strip() for cell in out.splitlines()[1].split("┃")}
+    assert BUILTINS <= cells  # each name whole on one line, the two klue rows distinct
+    assert {"name", "language", "source", "vocab", "dim", "positions", "plugin"} <= header
