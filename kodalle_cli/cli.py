@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kodalle_cli import __version__
-from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.errors import ConfigError, KodalleError, UsageError
 from kodalle_cli.progress import quiet_libraries
 
 try:  # typer >= 0.20 ships its own copy of click
@@ -501,6 +501,12 @@ def main(argv: list[str] | None = None) -> None:
             f"Error: {exc.format_message()}{hint}", style="red", markup=False, highlight=False,
             soft_wrap=True,
         )
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:  # a setting the model or a library refused: word the flag
+        if debug:
+            raise
+        err_console.print(f"Error: {exc.as_flag()}", style="red", markup=False, highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
     except KodalleError as exc:
         if debug:

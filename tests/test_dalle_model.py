@@ -215,3 +215,27 @@ def test_padding_left_out_of_text_loss_and_cond_drop():
     dropped = model.loss(text, image, cond_drop=1.0)[0]
     null = model.loss(model.null_text(2), image)[0]
     torch.testing.assert_close(dropped, null)
+
+
+def test_a_text_length_beyond_the_backbone_positions_names_the_setting(klue_emb, capsys,
+                                                                       monkeypatch):
+    from kodalle_cli.cli import main
+    from kodalle_cli.errors import ConfigError
+
+    have = klue_emb.position.shape[0] - klue_emb.position_offset
+    cfg = DALLEConfig(num_text_tokens=klue_emb.vocab_size, num_image_tokens=N_IMG,
+                      image_fmap_size=FMAP, dim=klue_emb.dim, depth=1, heads=HEADS,
+                      dim_head=DIM_HEAD, text_seq_len=have, pad_id=klue_emb.pad_id)
+    with pytest.raises(ConfigError) as info:
+        init_from_backbone(DALLE(cfg), klue_emb)
+    assert str(info.value).startswith(f"text_seq_len={have}: ")
+    assert str(info.value).endswith(f"use {have - 1} or less")
+
+    def refuse():  # the CLI words the same error as the flag a user typed
+        raise info.value
+
+    monkeypatch.setattr("kodalle_cli.backbone.registered_backbones", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["backbones"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and err.startswith(f"Error: --text-seq-len {have}: needs")

@@ -378,12 +378,13 @@ def init_from_backbone(model: DALLE, embeddings, freeze: bool = False) -> None:
         if embeddings.position is not None:
             start = embeddings.position_offset
             if embeddings.position.shape[0] < start + rows:
-                from kodalle_cli.errors import UsageError
+                from kodalle_cli.errors import ConfigError
 
-                raise UsageError(
-                    f"the backbone has {embeddings.position.shape[0] - start} positions; "
-                    f"--text-seq-len {cfg.text_seq_len} needs {rows} (one for <bos>): "
-                    f"use --text-seq-len {embeddings.position.shape[0] - start - 1} or less"
+                have = embeddings.position.shape[0] - start
+                raise ConfigError(
+                    "text_seq_len", cfg.text_seq_len,
+                    f"needs {rows} positions (one for <bos>) and the backbone has {have}: "
+                    f"use {have - 1} or less",
                 )
             model.text_pos_emb.weight.copy_(embeddings.position[start : start + rows].float())
         else:
