@@ -17,17 +17,15 @@ Python use::
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kodalle_cli.atomic import write_json_atomic
 from kodalle_cli.data import tokens as token_shards
+from kodalle_cli.data.shards import remove_stale_temporaries, stats_path
 from kodalle_cli.errors import KodalleError, UsageError
 
 
@@ -132,52 +130,41 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
     }
     out.mkdir(parents=True, exist_ok=True)
     _check_existing_manifest(out, identity)
-    for stale in out.glob(".*.tmp-*"):  # left by a killed run; their shards are redone
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(out)  # left by a killed run; their shards are redone
 
     summary = TokenizeSummary(out=out)
-    listed: dict[str, list[dict]] = {s: [] for s in token_shards.SPLITS}
     todo = [(split, p) for split, paths in inputs.items() for p in paths]
+    writer = token_shards.TokenShardsWriter(
+        out, text_seq_len=cfg.text_seq_len, num_image_tokens=vqgan.num_tokens,
+        image_fmap_size=vqgan.fmap_size, pad_id=text.pad_id, tokenizer_hash=text.identity,
+        vqgan={"hash": identity["vqgan_hash"], "source": str(cfg.vqgan),
+               "num_tokens": vqgan.num_tokens, "image_size": vqgan.image_size,
+               "fmap_size": vqgan.fmap_size},
+        tokenizer={"backbone": backbone.name, "source": backbone.location,
+                   "vocab_size": len(text.tokenizer)},
+        shard_size=None,  # one token shard per image shard, named after it
+        extra={"truncated": 0, "image_shards": str(shards)},
+    )
     start = time.perf_counter()
     encoded = 0
-    with _progress(cfg.progress) as bar:
+    with writer, _progress(cfg.progress) as bar:
         task = bar.add_task("tokenize", total=len(todo), rate="")
         for split, shard in todo:
-            target = out / shard.name
-            stats = _finished_stats(target, identity)
+            stats = _finished_stats(out / shard.name, identity)
             if stats is not None:
                 summary.shards_skipped += 1
+                writer.add_finished(split, shard.name, stats["count"])
             else:
-                stats = _tokenize_shard(shard, target, text, vqgan, cfg, identity)
+                stats = _tokenize_shard(writer, split, shard, text, vqgan, cfg, identity)
                 summary.shards_written += 1
                 encoded += stats["count"]
             summary.samples[split] = summary.samples.get(split, 0) + stats["count"]
             summary.truncated += stats["truncated"]
-            listed[split].append({"name": target.name, "count": stats["count"]})
             rate = encoded / (time.perf_counter() - start)
             bar.update(task, advance=1, rate=f"{rate:.1f} images/s")
+        writer.extra["truncated"] = summary.truncated
     summary.seconds = time.perf_counter() - start
     summary.images_encoded = encoded
-    manifest = {
-        "format": token_shards.FORMAT,
-        "version": 1,
-        "text_seq_len": cfg.text_seq_len,
-        "pad_id": text.pad_id,
-        "num_image_tokens": vqgan.num_tokens,
-        "image_fmap_size": vqgan.fmap_size,
-        "codes_dtype": token_shards.codes_dtype(vqgan.num_tokens).name,
-        "tokenizer_hash": text.identity,
-        "vqgan": {"hash": identity["vqgan_hash"], "source": str(cfg.vqgan),
-                  "num_tokens": vqgan.num_tokens, "image_size": vqgan.image_size,
-                  "fmap_size": vqgan.fmap_size},
-        "tokenizer": {"backbone": backbone.name, "source": backbone.location,
-                      "vocab_size": len(text.tokenizer)},
-        "splits": {s: {"count": sum(x["count"] for x in v), "shards": v}
-                   for s, v in listed.items()},
-        "truncated": summary.truncated,
-        "image_shards": str(shards),
-    }
-    write_json_atomic(out / token_shards.MANIFEST, manifest)
     return summary
 
 
@@ -210,13 +197,9 @@ def _refuse_mismatch(found: dict, identity: dict, where: str) -> None:
         )
 
 
-def _stats_path(target: Path) -> Path:
-    return target.with_name(target.name[: -len(".tar")] + "_stats.json")
-
-
 def _finished_stats(target: Path, identity: dict) -> dict | None:
     """Stats of a token shard finished by an earlier run (None: not there yet)."""
-    stats_file = _stats_path(target)
+    stats_file = stats_path(target)
     if not (target.is_file() and stats_file.is_file()):
         return None
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
@@ -224,48 +207,34 @@ def _finished_stats(target: Path, identity: dict) -> dict | None:
     return stats
 
 
-def _tokenize_shard(shard: Path, target: Path, text: TextTokenizer, vqgan, cfg,
-                    identity: dict) -> dict:
-    import webdataset as wds
-
+def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: Path,
+                    text: TextTokenizer, vqgan, cfg, identity: dict) -> dict:
+    """One image shard -> the token shard of the same name, with its stats file."""
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
 
-    dtype = token_shards.codes_dtype(vqgan.num_tokens)
     stats = {"count": 0, "truncated": 0, "source": shard.name, **identity}
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    writer.open_shard(split, shard.name)
     batch: list = []
-    try:
-        with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as writer:
-            def flush():
-                ids, truncated = text([s.caption for s in batch])
-                images = to_tensor([s.image for s in batch], size=vqgan.image_size)
-                codes = vqgan.encode(images).cpu().numpy().astype(dtype)
-                for s, row_ids, row_codes in zip(batch, ids, codes, strict=True):
-                    writer.write({"__key__": s.key, "ids.npy": _npy(row_ids),
-                                  "codes.npy": _npy(row_codes),
-                                  "txt": s.caption.encode("utf-8")})
-                stats["count"] += len(batch)
-                stats["truncated"] += truncated
-                batch.clear()
 
-            for sample in iter_image_samples(shard, split=None, split_by_worker=False):
-                batch.append(sample)
-                if len(batch) == cfg.batch_size:
-                    flush()
-            if batch:
-                flush()
-        os.replace(tmp, target)
-        write_json_atomic(_stats_path(target), stats)  # renamed last: marks the shard finished
-    finally:
-        tmp.unlink(missing_ok=True)
+    def flush():
+        ids, truncated = text([s.caption for s in batch])
+        images = to_tensor([s.image for s in batch], size=vqgan.image_size)
+        codes = vqgan.encode(images).cpu().numpy()
+        for s, row_ids, row_codes in zip(batch, ids, codes, strict=True):
+            writer.write(split, s.key, row_ids, row_codes, s.caption)
+        stats["count"] += len(batch)
+        stats["truncated"] += truncated
+        batch.clear()
+
+    for sample in iter_image_samples(shard, split=None, split_by_worker=False):
+        batch.append(sample)
+        if len(batch) == cfg.batch_size:
+            flush()
+    if batch:
+        flush()
+    writer.finish_shard(split, stats)  # the stats file, renamed last, marks it finished
     return stats
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 def _progress(enabled: bool):

@@ -151,3 +151,32 @@ def test_cli_tokenize(setup, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "6 train, 3 val" in printed and "3 captions truncated" in printed
     assert (tmp_path / "t" / "manifest.json").is_file()
+
+
+def test_token_writer_names_shards_writes_stats_and_leaves_nothing_on_error(tmp_path):
+    """The writer `kodalle tokenize` uses: shards named by the caller, a stats file beside
+    each finished one, shards of an earlier run listed, nothing left by a failed shard."""
+    kw = dict(text_seq_len=4, num_image_tokens=300, image_fmap_size=2, pad_id=1,
+              tokenizer_hash="t", vqgan={"hash": "v"}, shard_size=None,
+              tokenizer={"backbone": "b"}, extra={"truncated": 0})
+    with token_shards.TokenShardsWriter(tmp_path, **kw) as w:
+        w.add_finished("train", "train-000007.tar", 5)
+        w.open_shard("train", "train-000009.tar")
+        for i in range(3):
+            w.write("train", f"k{i}", np.array([0, i, 1, 1]), np.full(4, 299), "c")
+        w.finish_shard("train", {"count": 3})
+        w.extra["truncated"] = 2
+    manifest = token_shards.read_manifest(tmp_path)
+    assert list(manifest)[8:11] == ["vqgan", "tokenizer", "splits"]
+    assert manifest["splits"]["train"] == {"count": 8, "shards": [
+        {"name": "train-000007.tar", "count": 5}, {"name": "train-000009.tar", "count": 3}]}
+    assert manifest["truncated"] == 2 and manifest["codes_dtype"] == "int16"
+    assert json.loads((tmp_path / "train-000009_stats.json").read_text()) == {"count": 3}
+    assert [s["codes"].tolist() for s in token_shards.read_shard(tmp_path / "train-000009.tar")
+            ] == [[299] * 4] * 3
+
+    with pytest.raises(RuntimeError), token_shards.TokenShardsWriter(tmp_path / "b", **kw) as w:
+        w.open_shard("val", "val-000000.tar")
+        w.write("val", "k", np.zeros(4), np.zeros(4), "c")
+        raise RuntimeError("killed")
+    assert list((tmp_path / "b").iterdir()) == []

@@ -10,9 +10,10 @@ Layout (DESIGN.md)::
     shards/tokens/manifest.json          tokenizer hash, VQGAN identity, text_seq_len,
                                          pad_id, image grid, and every shard with its count
 
-Writing: :class:`TokenShardsWriter` (each shard is written under a temporary name and
-renamed when complete; the manifest is written last, so a killed run leaves no shard or
-manifest that looks complete). Reading: :class:`TokenBatches`, an ``IterableDataset`` that
+Writing: :class:`TokenShardsWriter`, the one writer of this format (each shard is written
+under a temporary name and renamed when complete, then its ``*_stats.json`` when it has one;
+the manifest is written last, so a killed run leaves no shard or manifest that looks
+complete). Reading: :class:`TokenBatches`, an ``IterableDataset`` that
 yields whole batches, split by distributed rank and data-loader worker, shuffled from a seed,
 and resumable at any batch: the position is just the number of batches consumed.
 """
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kodalle_cli.atomic import write_json_atomic
+from kodalle_cli.data.shards import stats_path
 from kodalle_cli.errors import KodalleError
 
 MANIFEST = "manifest.json"
@@ -76,8 +79,17 @@ def _npy_load(data: bytes) -> np.ndarray:
 
 
 # ---- writing ---------------------------------------------------------------------------------
+@dataclass
+class _OpenShard:
+    writer: object  # webdataset.TarWriter
+    tmp: Path
+    final: Path
+    count: int = 0
+
+
 class TokenShardsWriter:
-    """Write ``{train,val}-%06d.tar`` token shards and, on close, ``manifest.json``.
+    """Write ``{train,val}-%06d.tar`` token shards and, on close, ``manifest.json``: the one
+    writer of the token-shard format (``kodalle tokenize``, tests and benchmarks).
 
     Example::
 
@@ -87,7 +99,18 @@ class TokenShardsWriter:
             w.write("train", key, ids, codes, caption)
 
     ``ids`` must already be padded to ``text_seq_len`` (see :func:`pad_ids`); ``codes`` are
-    the flattened fmap*fmap VQGAN indices. ``extra`` is stored in the manifest as is.
+    the flattened fmap*fmap VQGAN indices. Shards are cut in one of two ways:
+
+    - by count: :meth:`write` opens ``{split}-%06d.tar`` and starts the next one every
+      ``shard_size`` samples;
+    - by name (``shard_size=None``): :meth:`open_shard` starts a shard of a given name (in
+      ``kodalle tokenize``, the name of the image shard it is made from) and
+      :meth:`finish_shard` ends it, with a ``*_stats.json`` beside it when given stats (renamed
+      last: it marks the shard finished for a resumed run); :meth:`add_finished` lists a
+      shard that an earlier run finished.
+
+    ``tokenizer`` (what made the ids) and ``extra`` are stored in the manifest as they are;
+    ``extra`` may still be updated before :meth:`close`.
     """
 
     def __init__(
@@ -100,7 +123,8 @@ class TokenShardsWriter:
         pad_id: int,
         tokenizer_hash: str,
         vqgan: dict,
-        shard_size: int = 10000,
+        shard_size: int | None = 10000,
+        tokenizer: dict | None = None,
         extra: dict | None = None,
     ):
         self.out_dir = Path(out_dir)
@@ -111,15 +135,34 @@ class TokenShardsWriter:
         self.pad_id = pad_id
         self.tokenizer_hash = tokenizer_hash
         self.vqgan = dict(vqgan)
+        self.tokenizer = dict(tokenizer) if tokenizer is not None else None
         self.shard_size = shard_size
-        self.extra = extra or {}
+        self.extra = dict(extra or {})
         self.codes_dtype = codes_dtype(num_image_tokens)
         self.shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
-        self._open: dict[str, tuple] = {}  # split -> (TarWriter, tmp path, final path, count)
+        self._open: dict[str, _OpenShard] = {}
 
-    def write(self, split: str, key: str, ids, codes, caption: str) -> None:
+    @staticmethod
+    def _check_split(split: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+    def open_shard(self, split: str, name: str | None = None) -> Path:
+        """Start the next shard of ``split``, named ``name`` (default ``{split}-%06d.tar`` by
+        count); it is written under a temporary name until :meth:`finish_shard`."""
+        import webdataset as wds
+
+        self._check_split(split)
+        if split in self._open:
+            raise ValueError(f"a {split} shard is already open")
+        final = self.out_dir / (name or f"{split}-{len(self.shards[split]):06d}.tar")
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self._open[split] = _OpenShard(wds.TarWriter(str(tmp), encoder=False, mtime=0.0), tmp,
+                                       final)
+        return final
+
+    def write(self, split: str, key: str, ids, codes, caption: str) -> None:
+        self._check_split(split)
         if "." in key:
             raise ValueError(f"shard keys contain no dots: {key!r}")
         ids = np.asarray(ids)
@@ -130,36 +173,39 @@ class TokenShardsWriter:
             raise ValueError(f"codes of {key}: {codes.shape[0]} != {self.image_fmap_size}^2")
         if codes.size and (codes.min() < 0 or codes.max() >= self.num_image_tokens):
             raise ValueError(f"codes of {key} out of range [0, {self.num_image_tokens})")
-        writer = self._writer(split)
-        writer[0].write({
+        if split not in self._open:
+            self.open_shard(split)
+        shard = self._open[split]
+        shard.writer.write({
             "__key__": key,
             "ids.npy": _npy_bytes(ids.astype(np.int32)),
             "codes.npy": _npy_bytes(codes.astype(self.codes_dtype)),
             "txt": caption.encode("utf-8"),
         })
-        self._open[split] = (*writer[:3], writer[3] + 1)
-        if writer[3] + 1 >= self.shard_size:
-            self._finish(split)
+        shard.count += 1
+        if self.shard_size is not None and shard.count >= self.shard_size:
+            self.finish_shard(split)
 
-    def _writer(self, split: str):
-        if split not in self._open:
-            import webdataset as wds
+    def finish_shard(self, split: str, stats: dict | None = None) -> dict:
+        """Close the open shard of ``split`` and rename it into place, then write ``stats``
+        (when given) to its ``*_stats.json``; returns its manifest entry."""
+        shard = self._open.pop(split)
+        shard.writer.close()
+        os.replace(shard.tmp, shard.final)
+        if stats is not None:
+            write_json_atomic(stats_path(shard.final), stats)  # last: the shard is finished
+        return self.add_finished(split, shard.final.name, shard.count)
 
-            final = self.out_dir / f"{split}-{len(self.shards[split]):06d}.tar"
-            tmp = final.with_name(final.name + ".tmp")
-            self._open[split] = (wds.TarWriter(str(tmp), encoder=False, mtime=0.0), tmp, final, 0)
-        return self._open[split]
+    def add_finished(self, split: str, name: str, count: int) -> dict:
+        """List a complete shard (one an earlier run wrote) in the manifest."""
+        self._check_split(split)
+        entry = {"name": name, "count": count}
+        self.shards[split].append(entry)
+        return entry
 
-    def _finish(self, split: str) -> None:
-        writer, tmp, final, count = self._open.pop(split)
-        writer.close()
-        os.replace(tmp, final)
-        self.shards[split].append({"name": final.name, "count": count})
-
-    def close(self) -> dict:
-        for split in list(self._open):
-            self._finish(split)
-        manifest = {
+    def manifest(self) -> dict:
+        """The manifest of the shards listed so far."""
+        return {
             "format": FORMAT,
             "version": 1,
             "text_seq_len": self.text_seq_len,
@@ -169,16 +215,30 @@ class TokenShardsWriter:
             "codes_dtype": self.codes_dtype.name,
             "tokenizer_hash": self.tokenizer_hash,
             "vqgan": self.vqgan,
+            **({"tokenizer": self.tokenizer} if self.tokenizer is not None else {}),
             "splits": {
                 s: {"count": sum(x["count"] for x in v), "shards": v}
                 for s, v in self.shards.items()
             },
             **self.extra,
         }
-        tmp = self.out_dir / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, ensure_ascii=False, indent=2))
-        os.replace(tmp, self.out_dir / MANIFEST)
+
+    def close(self) -> dict:
+        """Finish the open shards and write ``manifest.json`` (last); returns the manifest."""
+        for split in list(self._open):
+            self.finish_shard(split)
+        manifest = self.manifest()
+        write_json_atomic(self.out_dir / MANIFEST, manifest)
         return manifest
+
+    def abort(self) -> None:
+        """Drop the open shards (nothing that looks complete is left)."""
+        for shard in self._open.values():
+            try:
+                shard.writer.close()
+            finally:
+                shard.tmp.unlink(missing_ok=True)
+        self._open.clear()
 
     def __enter__(self):
         return self
@@ -186,11 +246,8 @@ class TokenShardsWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self.close()
-        else:  # leave nothing that looks complete
-            for writer, tmp, _final, _count in self._open.values():
-                writer.close()
-                tmp.unlink(missing_ok=True)
-            self._open.clear()
+        else:
+            self.abort()
 
 
 # ---- reading ---------------------------------------------------------------------------------
