@@ -28,6 +28,7 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 @dataclass
@@ -173,51 +174,39 @@ class Backbone:
             ) from None
 
     def load_embeddings(self) -> Embeddings:
-        """The token table, position table (or None), position offset and special ids."""
+        """The token table, position table (or None), position offset and special ids.
+
+        Only the two tables are read: from safetensors through ``safe_open``, from
+        ``pytorch_model.bin`` checkpoints through a memory-mapped ``torch.load`` (with
+        ``weights_only=True``); the model itself is never built."""
         config = self.config()
         names = self.table_names(config)
-        weights = self._safetensors_files(names)
-        if weights is not None:
-            token = _read_tensor(weights, names.token)
-            position = _read_tensor(weights, names.position) if names.position else None
-        else:
-            token, position = self._tables_from_full_model(config)
+        wanted = [n for n in (names.token, names.position) if n]
+        files = self._weight_files(wanted)
+        tables = {n: _read_tensor(files[n], n) for n in wanted}
         pad, bos, eos = special_ids(config)
         return Embeddings(
-            token=token, position=position, position_offset=names.position_offset,
-            pad_id=pad, bos_id=bos, eos_id=eos,
+            token=tables[names.token], position=tables.get(names.position),
+            position_offset=names.position_offset, pad_id=pad, bos_id=bos, eos_id=eos,
         )
 
-    def _safetensors_files(self, names: TableNames) -> dict[str, Path] | None:
-        """Map each wanted tensor suffix to the safetensors file holding it (None: no safetensors)."""
-        single = self.fetch("model.safetensors", required=False)
-        if single is not None:
-            return {n: single for n in (names.token, names.position) if n}
-        index_path = self.fetch(SAFETENSORS_INDEX, required=False)
-        if index_path is None:
-            return None
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = {}
-        for wanted in (names.token, names.position):
-            if wanted is None:
-                continue
-            key = _match_key(weight_map, wanted, f"{index_path}")
-            files[wanted] = self.fetch(weight_map[key])
-        return files
-
-    def _tables_from_full_model(self, config):
-        from transformers import AutoModel
-
-        weights = self.fetch("pytorch_model.bin", required=False)
-        if weights is None:
-            raise KodalleError(
-                f"backbone {self.name}: no model.safetensors, {SAFETENSORS_INDEX} or "
-                f"pytorch_model.bin in {self.location}"
-            )
-        model = AutoModel.from_pretrained(weights.parent, config=config)
-        token = model.get_input_embeddings().weight.detach().clone()
-        position = _position_module(model)
-        return token, None if position is None else position.weight.detach().clone()
+    def _weight_files(self, wanted: list[str]) -> dict[str, Path]:
+        """Map each wanted tensor name to the checkpoint file holding it: a single file or
+        the shard an index names, safetensors first, then ``pytorch_model.bin``."""
+        for single, index in (("model.safetensors", SAFETENSORS_INDEX),
+                              ("pytorch_model.bin", BIN_INDEX)):
+            path = self.fetch(single, required=False)
+            if path is not None:
+                return dict.fromkeys(wanted, path)
+            index_path = self.fetch(index, required=False)
+            if index_path is not None:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                return {n: self.fetch(weight_map[_match_key(weight_map, n, str(index_path))])
+                        for n in wanted}
+        raise KodalleError(
+            f"backbone {self.name}: no model.safetensors, pytorch_model.bin or their shard "
+            f"indexes in {self.location}"
+        )
 
     def describe(self) -> dict:
         """Name, source, language and sizes (from a local config only; else unknown)."""
@@ -300,17 +289,26 @@ def _match_key(keys, wanted: str, where: str) -> str:
     return min(hits, key=len)
 
 
-def _read_tensor(files: dict[str, Path], wanted: str) -> torch.Tensor:
-    from safetensors import safe_open
+def _read_tensor(path: Path, wanted: str) -> torch.Tensor:
+    """One tensor of a checkpoint file, reading nothing else into memory."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-    path = files[wanted]
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(_match_key(list(f.keys()), wanted, str(path)))
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(_match_key(list(f.keys()), wanted, str(path)))
+    try:  # a zip checkpoint (torch >= 1.6): mapped, so only this tensor's pages are read
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy format cannot be mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return state[_match_key(list(state), wanted, str(path))].clone()
 
 
 # ---- the hub ---------------------------------------------------------------------------------
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """Offline mode: no downloads of any kind (backbones, VQGAN presets, Inception weights).
+    On with ``HF_HUB_OFFLINE`` (which huggingface_hub obeys too) or ``KODALLE_OFFLINE``."""
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "KODALLE_OFFLINE"))
+    return any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
 
 
 def _hub_file(backbone: Backbone, filename: str, required: bool) -> Path | None:

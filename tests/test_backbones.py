@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModel, RobertaConfig, RobertaForMaskedLM
@@ -74,12 +76,31 @@ def test_sharded_safetensors_and_prefixed_keys(tmp_path, dirs):
     assert torch.equal(emb.position, model.roberta.embeddings.position_embeddings.weight)
 
 
-def test_bin_weights_fall_back_to_the_model(tmp_path, dirs):
+@pytest.mark.parametrize("layout", ["zip", "legacy", "sharded"])
+def test_bin_weights_give_the_tables_without_building_the_model(tmp_path, dirs, monkeypatch,
+                                                                 layout):
     src = dirs["klue"]
     model = AutoModel.from_pretrained(src)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    if layout == "sharded":  # what save_pretrained wrote before safetensors: shards + index
+        state = model.state_dict()
+        keys = list(state)  # the token table alone in the first shard, positions in the second
+        assert keys[0] == "embeddings.word_embeddings.weight"
+        shards = {"pytorch_model-00001-of-00002.bin": keys[:1],
+                  "pytorch_model-00002-of-00002.bin": keys[1:]}
+        for file, names in shards.items():
+            torch.save({k: state[k] for k in names}, tmp_path / file)
+        weight_map = {k: file for file, names in shards.items() for k in names}
+        (tmp_path / bb.BIN_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(model.state_dict(), tmp_path / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=layout == "zip")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the whole model was built")
+
+    monkeypatch.setattr("transformers.AutoModel.from_pretrained", no_model)
     emb = bb.get_backbone(str(tmp_path)).load_embeddings()
     assert torch.equal(emb.token, model.get_input_embeddings().weight)
     assert torch.equal(emb.position, model.embeddings.position_embeddings.weight)
