@@ -53,7 +53,7 @@ def main() -> None:
     if args.compare_taming:
         from taming.main import instantiate_from_config
 
-        from kodalle_cli.vqgan.load import config_to_taming
+        from kodalle_cli.vqgan.io import config_to_taming
 
         cfg = config_to_taming(model.config)["model"]
         cfg["params"]["lossconfig"] = {"target": "torch.nn.Identity"}

@@ -176,7 +176,7 @@ def vqgan_check(vqgan_dir: Path, shards: Path, size: int, seed: int,
     ``target``: caption -> the (colour, category) it asks for."""
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
-    from kodalle_cli.vqgan.load import load_vqgan
+    from kodalle_cli.vqgan import load_vqgan
 
     samples = list(iter_image_samples(shards, split="val"))
     vqgan = load_vqgan(vqgan_dir)

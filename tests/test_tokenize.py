@@ -13,7 +13,7 @@ from PIL import Image
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.tokenize import TokenizeConfig, tokenize
-from kodalle_cli.vqgan import VQGAN, VQGANConfig, load_vqgan
+from kodalle_cli.vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 
 CAPTIONS = [
     "상의에서 색상은 레드이다. 카테고리는 블라우스이다.",
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         feats = vq.encode_features(torch.rand(2, 3, 32, 32) * 2 - 1)
         vq.quantize.embedding.weight.copy_(feats.permute(0, 2, 3, 1).reshape(-1, 8)[:64])
-    vq.save(root / "vqgan")
+    save_vqgan(vq, root / "vqgan")
     shards = root / "shards"
     shards.mkdir()
     n = 0
@@ -134,7 +134,7 @@ def test_tokenize_resumes_per_shard_and_refuses_another_vqgan(setup, tmp_path):
 
     root = setup[0]
     other = VQGAN(load_vqgan(root / "vqgan").config)
-    other.save(tmp_path / "other")
+    save_vqgan(other, tmp_path / "other")
     with pytest.raises(KodalleError, match="another VQGAN"):
         tokenize(config(setup, out=out, vqgan=str(tmp_path / "other")))
     with pytest.raises(KodalleError, match="another text_seq_len"):

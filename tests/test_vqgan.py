@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from kodalle_cli.errors import KodalleError
-from kodalle_cli.vqgan import load_vqgan
-from kodalle_cli.vqgan.load import PRESETS, read_config
+from kodalle_cli.vqgan import load_vqgan, save_vqgan
+from kodalle_cli.vqgan.io import CONFIG_DIR, PRESETS, read_config
 
 DD = {
     "double_z": False, "z_channels": 32, "resolution": 32, "in_channels": 3, "out_ch": 3,
@@ -118,7 +118,7 @@ def test_save_and_reload_keeps_identity(tmp_path, images):
     save_lightning_ckpt(taming, tmp_path / "vq.ckpt")
     write_yaml(taming_config("vq"), tmp_path / "vq.yaml")
     original = load_vqgan(str(tmp_path / "vq.ckpt"), config=tmp_path / "vq.yaml")
-    original.save(tmp_path / "run" / "vqgan")
+    save_vqgan(original, tmp_path / "run" / "vqgan")
     assert (tmp_path / "run/vqgan/model.safetensors").is_file()
     copy = load_vqgan(tmp_path / "run")  # a run directory's vqgan/ is found
     assert copy.identity() == original.identity()
@@ -174,13 +174,10 @@ def test_presets_offline_say_which_file_to_supply(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KODALLE_CACHE", str(tmp_path))
     for name in PRESETS:
-        cfg = read_config(__import__("kodalle_cli.vqgan.load").vqgan.load.CONFIG_DIR
-                          / PRESETS[name].config)
+        cfg = read_config(CONFIG_DIR / PRESETS[name].config)
         assert cfg.resolution // cfg.downsample_factor in (16, 32)
         with pytest.raises(KodalleError) as err:
             load_vqgan(name)
         msg = str(err.value)
         assert "\n" not in msg and "last.ckpt" in msg and "--vqgan PATH --vqgan-config" in msg
-    assert read_config(
-        __import__("kodalle_cli.vqgan.load").vqgan.load.CONFIG_DIR / "gumbel-f8-8192.yaml"
-    ).kind == "gumbel"
+    assert read_config(CONFIG_DIR / "gumbel-f8-8192.yaml").kind == "gumbel"

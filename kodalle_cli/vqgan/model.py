@@ -395,8 +395,9 @@ class VQGAN(nn.Module):
         return self._identity
 
     def save(self, directory) -> None:
-        """Write ``model.safetensors`` + ``config.yaml`` (taming format) that load_vqgan reads."""
-        from kodalle_cli.vqgan.load import save_vqgan
+        """``save_vqgan(self, directory)``: kept for the callers that still use it; the file
+        formats live in :mod:`kodalle_cli.vqgan.io`."""
+        from kodalle_cli.vqgan.io import save_vqgan
 
         save_vqgan(self, directory)
 

@@ -1,4 +1,6 @@
-"""Loading and saving VQGANs: taming checkpoints (safely), kodalle directories, presets.
+"""The VQGAN file formats, read and written here only: kodalle directories
+(``model.safetensors`` + taming ``config.yaml``), taming checkpoints (read safely, and
+written for taming), taming yaml configs, and the presets.
 
 What ``load_vqgan`` accepts:
 
@@ -238,11 +240,6 @@ def cache_dir() -> Path:
     return base / "vqgan"
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "KODALLE_OFFLINE"))
-    return any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
-
-
 def fetch_preset(name: str) -> tuple[Path, Path]:
     """(ckpt, yaml) of a preset, downloading the checkpoint into the cache once."""
     preset = PRESETS[name]
@@ -251,7 +248,9 @@ def fetch_preset(name: str) -> tuple[Path, Path]:
     if ckpt.is_file():
         return ckpt, config
     how = f"download {preset.ckpt_url} and pass --vqgan PATH --vqgan-config {config}"
-    if _offline():
+    from kodalle_cli.backbone import hub_offline
+
+    if hub_offline():
         raise KodalleError(f"VQGAN preset {name}: {ckpt} is not cached and offline mode is on; {how}")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     try:
