@@ -41,3 +41,13 @@ def test_a_failing_command_arm_fails_the_benchmark():
     arm = command("false", [sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(RuntimeError, match="exited 3"):
         arm.run()
+
+
+def test_the_gpu_benchmark_runs_its_smoke_configuration():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--quick"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples/s" in done.stdout and "sampling 16 images" in done.stdout
