@@ -1,7 +1,8 @@
 """Install the reference packages kodalle is tested against (test-time oracles only).
 
 dalle-pytorch 1.6.6 and taming-transformers-rom1504 0.0.6 cannot be installed with their
-declared dependencies on current Python stacks (see DESIGN.md), so they go in with
+declared dependencies on current Python stacks (dalle-pytorch requires youtokentome, which
+does not build on Python 3.11, and the DALL-E package), so they go in with
 ``--no-deps``; what they import is in kodalle's ``test`` extra. taming's ``taming/main.py``
 imports torchvision internals and a Lightning helper that no longer exist; its models only
 need ``instantiate_from_config`` from it, so it is replaced by that one function.
