@@ -33,7 +33,7 @@ with warnings.catch_warnings():
 
 from kodalle_cli.model.convert import from_dalle_pytorch
 from kodalle_cli.model.dalle import DALLE, DALLEConfig
-from kodalle_cli.model.sample import SamplingSettings, generate_codes, row_uniforms
+from kodalle_cli.model.sampling import SamplingSettings, generate_codes, row_uniforms
 
 
 def sync(device):

@@ -47,10 +47,6 @@ train_app = typer.Typer(
 app.add_typer(train_app, name="train")
 
 
-def not_built(command: str) -> None:
-    raise KodalleError(f"`kodalle {command}` is not built yet")
-
-
 def _version(value: bool) -> None:
     if value:
         console.print(f"kodalle {__version__}")
@@ -345,8 +341,6 @@ def sample(
     from kodalle_cli.generate import SampleConfig, read_captions
     from kodalle_cli.generate import sample as run_sample
 
-    if keep is not None and rerank is None:
-        raise UsageError("--keep needs --rerank RERANKER")
     config = SampleConfig(
         captions=read_captions(captions, captions_file), n=n, checkpoint=checkpoint, out=out,
         batch_size=batch_size, top_k=top_k, top_p=top_p, temperature=temperature,

@@ -137,7 +137,7 @@ def inception_weights(explicit: str | Path | None) -> Path:
         if not path.is_file():
             from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-            if hub_offline() or os.environ.get("KODALLE_OFFLINE") == "1":
+            if hub_offline():
                 raise KodalleError(
                     f"the Inception weights for FID/KID/IS are not cached ({path}) and the "
                     f"session is offline; pass --inception-weights PATH (from {URL_INCEPTION_V3})"

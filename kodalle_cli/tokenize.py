@@ -5,7 +5,8 @@ is written to ``OUT`` (default ``SHARDS/tokens``), atomically; a shard already t
 (with its ``_stats.json``) is skipped, so an interrupted run resumes per shard. The
 manifest records the tokenizer and VQGAN identities and text_seq_len; a run whose
 tokenizer, VQGAN or text_seq_len differ from an existing manifest's is refused instead of
-mixing tokens.
+mixing tokens. Captions become ids through :class:`kodalle_cli.text.CaptionEncoder`, the
+encoder ``kodalle sample`` uses too.
 
 Python use::
 
@@ -22,11 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.data.shards import remove_stale_temporaries, stats_path
 from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.text import CaptionEncoder
 
 
 @dataclass
@@ -59,32 +59,7 @@ class TokenizeSummary:
         return self.images_encoded / self.seconds if self.seconds > 0 else 0.0
 
 
-# ---- text ------------------------------------------------------------------------------------
-class TextTokenizer:
-    """The backbone's tokenizer, padded with the backbone's pad id to ``text_seq_len``."""
-
-    def __init__(self, backbone, text_seq_len: int):
-        from kodalle_cli.backbone import special_ids
-
-        self.backbone = backbone
-        self.tokenizer = backbone.load_tokenizer()
-        self.pad_id = special_ids(backbone.config())[0]
-        self.text_seq_len = text_seq_len
-        self.identity = tokenizer_identity(backbone)
-
-    def __call__(self, captions: list[str]) -> tuple[np.ndarray, int]:
-        """ids ``[B, text_seq_len]`` int32 and how many captions were truncated."""
-        full = self.tokenizer(captions, truncation=False, add_special_tokens=True)["input_ids"]
-        cut = self.tokenizer(
-            captions, truncation=True, max_length=self.text_seq_len, add_special_tokens=True
-        )["input_ids"]
-        ids = np.full((len(captions), self.text_seq_len), self.pad_id, dtype=np.int32)
-        for i, row in enumerate(cut):
-            ids[i, : len(row)] = row
-        truncated = sum(len(f) > self.text_seq_len for f in full)
-        return ids, truncated
-
-
+# ---- text (captions -> ids: kodalle_cli.text.CaptionEncoder) --------------------------------
 def tokenizer_identity(backbone) -> str:
     """sha256 of the tokenizer's files (names and bytes)."""
     from kodalle_cli.backbone import TOKENIZER_FILES
@@ -121,11 +96,11 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
                 raise
     device = pick_device(cfg.device)
     backbone = get_backbone(cfg.backbone, str(cfg.backbone_path) if cfg.backbone_path else None)
-    text = TextTokenizer(backbone, cfg.text_seq_len)
+    text = CaptionEncoder.for_backbone(backbone, cfg.text_seq_len)
     vqgan = load_vqgan(cfg.vqgan, cfg.vqgan_config, device=device)
     identity = {
         "text_seq_len": cfg.text_seq_len,
-        "tokenizer_hash": text.identity,
+        "tokenizer_hash": tokenizer_identity(backbone),
         "vqgan_hash": vqgan.identity(),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +111,8 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
     todo = [(split, p) for split, paths in inputs.items() for p in paths]
     writer = token_shards.TokenShardsWriter(
         out, text_seq_len=cfg.text_seq_len, num_image_tokens=vqgan.num_tokens,
-        image_fmap_size=vqgan.fmap_size, pad_id=text.pad_id, tokenizer_hash=text.identity,
+        image_fmap_size=vqgan.fmap_size, pad_id=text.pad_id,
+        tokenizer_hash=identity["tokenizer_hash"],
         vqgan={"hash": identity["vqgan_hash"], "source": str(cfg.vqgan),
                "num_tokens": vqgan.num_tokens, "image_size": vqgan.image_size,
                "fmap_size": vqgan.fmap_size},
@@ -208,7 +184,7 @@ def _finished_stats(target: Path, identity: dict) -> dict | None:
 
 
 def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: Path,
-                    text: TextTokenizer, vqgan, cfg, identity: dict) -> dict:
+                    text: CaptionEncoder, vqgan, cfg, identity: dict) -> dict:
     """One image shard -> the token shard of the same name, with its stats file."""
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
@@ -218,7 +194,7 @@ def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: P
     batch: list = []
 
     def flush():
-        ids, truncated = text([s.caption for s in batch])
+        ids, truncated = text.encode_batch([s.caption for s in batch])
         images = to_tensor([s.image for s in batch], size=vqgan.image_size)
         codes = vqgan.encode(images).cpu().numpy()
         for s, row_ids, row_codes in zip(batch, ids, codes, strict=True):

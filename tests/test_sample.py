@@ -10,21 +10,21 @@ import torch
 from conftest import tiny_model_and_vqgan
 
 from kodalle_cli.errors import UsageError
-from kodalle_cli.generate import (
-    CaptionResult,
-    make_grid,
-    read_captions,
-    slugify,
-    to_pil,
-    unique_slugs,
-    write_caption_dir,
-)
-from kodalle_cli.model.sample import (
+from kodalle_cli.generate import read_captions
+from kodalle_cli.model.sampling import (
     SamplingSettings,
     draw,
     filter_logits,
     row_uniforms,
     top_k_count,
+)
+from kodalle_cli.output import (
+    CaptionResult,
+    make_grid,
+    slugify,
+    to_pil,
+    unique_slugs,
+    write_caption_dir,
 )
 
 
@@ -194,7 +194,7 @@ def test_cache_logits_equal_full_recomputation_at_every_step():
     dict(temperature=0.8, top_k=8, top_p=0.9),
 ])
 def test_cached_decoding_yields_the_tokens_of_full_recomputation(settings, cond_scale):
-    from kodalle_cli.model.sample import generate_codes
+    from kodalle_cli.model.sampling import generate_codes
 
     model = tiny_dalle()
     text = tiny_text()
@@ -207,7 +207,7 @@ def test_cached_decoding_yields_the_tokens_of_full_recomputation(settings, cond_
 
 
 def test_cond_scale_one_is_plain_decoding_and_guidance_changes_the_output():
-    from kodalle_cli.model.sample import generate_codes
+    from kodalle_cli.model.sampling import generate_codes
 
     model = tiny_dalle()
     text = tiny_text()
@@ -231,7 +231,7 @@ def test_guided_logits_follow_classifier_free_guidance():
     null = model(model.null_text(3))[:, -1, t:]
     cache = model.new_cache(6)
     both = model.prefill(torch.cat((text, model.null_text(3))), cache)
-    from kodalle_cli.model.sample import _guided
+    from kodalle_cli.model.sampling import _guided
 
     torch.testing.assert_close(_guided(both, 3, 2.5), null + (cond - null) * 2.5,
                                rtol=1e-5, atol=1e-5)
@@ -239,14 +239,16 @@ def test_guided_logits_follow_classifier_free_guidance():
 
 # ---- the library function (Python API) on a tiny run -----------------------------------------
 @pytest.fixture(scope="module")
-def tiny_sampler(tiny_klue):
+def tiny_run(tiny_klue):
     from transformers import AutoTokenizer
 
-    from kodalle_cli.generate import Sampler
+    from kodalle_cli.runs import LoadedRun
+    from kodalle_cli.text import CaptionEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_klue)
     model, vqgan = tiny_model_and_vqgan(tokenizer, text_seq_len=12)
-    return Sampler(model, tokenizer, vqgan, source="tiny", info={"step": 0})
+    encoder = CaptionEncoder(tokenizer, model.config.text_seq_len, model.config.pad_id)
+    return LoadedRun(model, encoder, vqgan, source="tiny", config={"model": {"dim": 32}})
 
 
 def _config(tmp_path, **kw):
@@ -258,10 +260,10 @@ def _config(tmp_path, **kw):
     return SampleConfig(**base)
 
 
-def test_sample_writes_images_grid_and_metadata(tiny_sampler, tmp_path):
+def test_sample_writes_images_grid_and_metadata(tiny_run, tmp_path):
     from kodalle_cli.generate import sample
 
-    results = sample(_config(tmp_path, cond_scale=2.0), tiny_sampler)
+    results = sample(_config(tmp_path, cond_scale=2.0), tiny_run)
     assert [r.caption for r in results] == ["상의에서 색상은 레드이다.", "하의에서 색상은 블루이다."]
     d = results[0].directory
     assert d == tmp_path / "out" / "상의에서-색상은-레드이다"
@@ -275,15 +277,15 @@ def test_sample_writes_images_grid_and_metadata(tiny_sampler, tmp_path):
     assert results[0].images[0].size == (8, 8)
     assert results[0].codes.shape == (3, 16)
     # a second call does not overwrite the first one's directory
-    again = sample(_config(tmp_path, captions=["상의에서 색상은 레드이다."]), tiny_sampler)
+    again = sample(_config(tmp_path, captions=["상의에서 색상은 레드이다."]), tiny_run)
     assert again[0].directory.name == "상의에서-색상은-레드이다-2"
 
 
-def test_same_seed_different_batch_size_same_images(tiny_sampler, tmp_path):
+def test_same_seed_different_batch_size_same_images(tiny_run, tmp_path):
     from kodalle_cli.generate import sample
 
     def run(batch_size, seed=5):
-        res = sample(_config(tmp_path, out=None, batch_size=batch_size, seed=seed), tiny_sampler)
+        res = sample(_config(tmp_path, out=None, batch_size=batch_size, seed=seed), tiny_run)
         return torch.cat([r.codes for r in res]), [r.images for r in res]
 
     codes1, images1 = run(1)
@@ -295,13 +297,13 @@ def test_same_seed_different_batch_size_same_images(tiny_sampler, tmp_path):
     assert not torch.equal(codes1, other)
 
 
-def test_truncation_and_unknown_token_warnings(tiny_sampler, tmp_path):
+def test_truncation_and_unknown_token_warnings(tiny_run, tmp_path):
     from kodalle_cli.generate import sample
 
     said = []
     long_caption = "상의에서 색상은 레드이다. " * 6
     res = sample(_config(tmp_path, captions=[long_caption, "qqq zzz xxx"], n=1, out=None),
-                 tiny_sampler, warn=said.append)
+                 tiny_run, warn=said.append)
     assert len(said) == 2
     assert "longer than text_seq_len 12" in said[0] and "tokens" in said[0]
     assert res[0].metadata["truncated_tokens"] > 0
@@ -309,48 +311,74 @@ def test_truncation_and_unknown_token_warnings(tiny_sampler, tmp_path):
     assert "unknown to the tokenizer" in said[1]
 
 
-def test_bad_options_are_clear_errors(tiny_sampler, tmp_path):
+def test_bad_options_are_clear_errors(tiny_run, tmp_path):
     from kodalle_cli.errors import KodalleError
     from kodalle_cli.generate import sample
 
     with pytest.raises(UsageError, match="--keep needs --rerank"):
-        sample(_config(tmp_path, keep=2), tiny_sampler)
+        sample(_config(tmp_path, keep=2), tiny_run)
     with pytest.raises(UsageError, match="top-k"):
-        sample(_config(tmp_path, top_k=3.5), tiny_sampler)
+        sample(_config(tmp_path, top_k=3.5), tiny_run)
     with pytest.raises(KodalleError, match="no trained DALLE run"):
         sample(_config(tmp_path, runs_dir=tmp_path / "nothing"))
 
 
+def test_cli_keep_without_rerank_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from kodalle_cli.cli import main
+
+    monkeypatch.chdir(tmp_path)  # checked before any run is looked for
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "상의에서 색상은 레드이다.", "--keep", "2"])
+    assert exit_info.value.code == 2
+    assert "--keep needs --rerank" in capsys.readouterr().err
+
+
+def test_a_decomposed_caption_is_the_composed_one(tiny_run, tmp_path):
+    import unicodedata
+
+    from kodalle_cli.generate import sample
+
+    composed = "상의에서 색상은 레드이다."
+    nfd = unicodedata.normalize("NFD", composed)
+    assert nfd != composed
+    a = sample(_config(tmp_path, captions=[composed], n=1, out=None), tiny_run)[0]
+    b = sample(_config(tmp_path, captions=[nfd], n=1, out=tmp_path / "nfd"), tiny_run)[0]
+    assert b.caption == composed and b.metadata["caption"] == composed
+    assert b.metadata["token_ids"] == a.metadata["token_ids"]
+    assert b.directory.name == "상의에서-색상은-레드이다"
+    assert torch.equal(a.codes, b.codes)
+
+
 # ---- runs, .pt checkpoints and the command line ----------------------------------------------
-def _write_run(run, sampler, step: int = 1):
+def _write_run(run, loaded, step: int = 1):
     from safetensors.torch import save_file
 
     from kodalle_cli.runs import write_config
 
-    write_config(run, {"kind": "dalle", "model": sampler.model.config.to_dict()})
-    sampler.tokenizer.save_pretrained(run / "tokenizer")
-    sampler.vqgan.save(run / "vqgan")
+    write_config(run, {"kind": "dalle", "model": loaded.model.config.to_dict()})
+    loaded.tokenizer.save_pretrained(run / "tokenizer")
+    loaded.vqgan.save(run / "vqgan")
     ckpt = run / "checkpoints" / f"step-{step:07d}"
     ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in sampler.model.state_dict().items()},
+    save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()},
               str(ckpt / "model.safetensors"))
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
     (run / "latest").write_text(f"checkpoints/step-{step:07d}")
     return run
 
 
-def test_cli_samples_from_the_newest_run_by_default(tiny_sampler, tmp_path, monkeypatch):
+def test_cli_samples_from_the_newest_run_by_default(tiny_run, tmp_path, monkeypatch):
     import os
     import time
 
     from kodalle_cli.cli import main
 
     runs = tmp_path / "runs"
-    _write_run(runs / "old", tiny_sampler)
+    _write_run(runs / "old", tiny_run)
     (runs / "vqgan").mkdir(parents=True)  # other runs live there too
     (runs / "vqgan" / "config.json").write_text('{"kind": "vqgan"}')
     time.sleep(0.05)
-    _write_run(runs / "new", tiny_sampler, step=7)
+    _write_run(runs / "new", tiny_run, step=7)
     old = runs / "old" / "checkpoints" / "step-0000001"
     os.utime(old, (time.time() - 100, time.time() - 100))
     monkeypatch.chdir(tmp_path)
@@ -372,24 +400,24 @@ def test_cli_samples_from_the_newest_run_by_default(tiny_sampler, tmp_path, monk
     assert np.array_equal(saved, res[0].codes.numpy())
 
 
-def test_sample_from_a_dalle_pytorch_pt(tiny_sampler, tiny_klue, tmp_path):
+def test_sample_from_a_dalle_pytorch_pt(tiny_run, tiny_klue, tmp_path):
     from kodalle_cli.generate import SampleConfig, sample
     from kodalle_cli.model.convert import save_dalle_pytorch_checkpoint
 
     pt = tmp_path / "kodalle.pt"
-    save_dalle_pytorch_checkpoint(tiny_sampler.model, pt)
-    tiny_sampler.vqgan.save(tmp_path / "vq")
+    save_dalle_pytorch_checkpoint(tiny_run.model, pt)
+    tiny_run.vqgan.save(tmp_path / "vq")
     cfg = dict(captions=["상의에서 색상은 레드이다."], n=2, seed=3, device="cpu", out=None,
                progress=False)
     with pytest.raises(Exception, match="--backbone|--vqgan"):
         sample(SampleConfig(checkpoint=pt, **cfg))
     from_pt = sample(SampleConfig(checkpoint=pt, backbone=str(tiny_klue),
                                   vqgan=str(tmp_path / "vq"), **cfg))
-    direct = sample(SampleConfig(**cfg), tiny_sampler)
+    direct = sample(SampleConfig(**cfg), tiny_run)
     assert torch.equal(from_pt[0].codes, direct[0].codes)
 
 
-def test_rerank_keeps_the_best_and_records_every_score(tiny_sampler, tiny_klue, tmp_path):
+def test_rerank_keeps_the_best_and_records_every_score(tiny_run, tiny_klue, tmp_path):
     pytest.importorskip("kodalle_cli.rerank.rank")
     from kodalle_cli.backbone import get_backbone
     from kodalle_cli.generate import sample
@@ -400,7 +428,7 @@ def test_rerank_keeps_the_best_and_records_every_score(tiny_sampler, tiny_klue, 
                               text_seq_len=16)
     save_reranker(reranker, tmp_path / "reranker")
     res = sample(_config(tmp_path, n=4, captions=["상의에서 색상은 레드이다."],
-                         rerank=tmp_path / "reranker", keep=2), tiny_sampler)
+                         rerank=tmp_path / "reranker", keep=2), tiny_run)
     meta = res[0].metadata
     scores = meta["rerank_scores"]
     assert len(scores) == 4 and len(res[0].images) == 2
@@ -411,5 +439,5 @@ def test_rerank_keeps_the_best_and_records_every_score(tiny_sampler, tiny_klue, 
     assert files == ["0000.png", "0001.png"]
     # the kept images are the ones generated for those indices
     unranked = sample(_config(tmp_path, n=4, captions=["상의에서 색상은 레드이다."], out=None),
-                      tiny_sampler)
+                      tiny_run)
     assert torch.equal(res[0].codes, unranked[0].codes[kept])

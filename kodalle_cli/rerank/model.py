@@ -8,7 +8,9 @@
   cosine similarities; the loss is CLIP's symmetric InfoNCE.
 
 Image preprocessing (fit to a square, scale to [0, 1], ImageNet mean/std) lives in
-:func:`preprocess_images`, the one place both training and ranking go through.
+:func:`preprocess_images`, the one place both training and ranking go through; captions go
+through :attr:`Reranker.caption_encoder` (:class:`kodalle_cli.text.CaptionEncoder`, the
+encoder DALLE training and sampling use too).
 
 A reranker directory (what ``kodalle train reranker`` writes and :func:`load_reranker`
 reads) is self-contained::
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kodalle_cli.errors import KodalleError
+from kodalle_cli.text import CaptionEncoder
 
 IMAGE_MODEL = "efficientnet_b0"
 # timm's default EfficientNet-B0 weights: where a cache may already hold them
@@ -73,17 +76,6 @@ def preprocess_images(images, size: int, resize: str = "pad") -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
-
-
-def tokenize_captions(tokenizer, captions: Sequence[str], text_seq_len: int) -> dict:
-    """Captions -> padded ``input_ids`` and ``attention_mask`` (truncated to text_seq_len)."""
-    if tokenizer.pad_token is None:  # GPT-style tokenizers without a pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(
-        list(captions), padding=True, truncation=True, max_length=text_seq_len,
-        return_tensors="pt",
-    )
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 # ---- the towers -----------------------------------------------------------------------------------
@@ -148,6 +140,12 @@ class Reranker(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
+    @property
+    def caption_encoder(self) -> CaptionEncoder:
+        """Captions -> the text tower's ids and mask (cut to ``config.text_seq_len``): the
+        one caption encoder (:mod:`kodalle_cli.text`) with this tower's tokenizer."""
+        return CaptionEncoder.for_tokenizer(self.tokenizer, self.config.text_seq_len)
+
     # ---- embeddings -----------------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image(pixels)), dim=-1)
@@ -182,9 +180,7 @@ class Reranker(nn.Module):
     def embed_captions(self, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         out = []
         for i in range(0, len(captions), batch_size):
-            enc = tokenize_captions(
-                self.tokenizer, captions[i:i + batch_size], self.config.text_seq_len
-            )
+            enc = self.caption_encoder.encode_with_mask(captions[i:i + batch_size])
             out.append(self.encode_text(**{k: v.to(self.device) for k, v in enc.items()}).float())
         return torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
 

@@ -14,11 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kodalle_cli.rerank.model import (
-    Reranker,
-    preprocess_images,
-    tokenize_captions,
-)
+from kodalle_cli.rerank.model import Reranker, preprocess_images
 from kodalle_cli.train.trainer import Task
 
 
@@ -77,7 +73,7 @@ def iter_pairs(data, split: str, *, repeat: bool, seed: int = 0, shuffle_buffer:
 
 def collate(model: Reranker, images: Sequence, captions: Sequence[str]) -> dict:
     """A training batch: normalised pixels, token ids, mask, and the caption-equality matrix."""
-    enc = tokenize_captions(model.tokenizer, captions, model.config.text_seq_len)
+    enc = model.caption_encoder.encode_with_mask(captions)
     index: dict[str, int] = {}
     groups = torch.tensor([index.setdefault(c, len(index)) for c in captions])
     return {

@@ -1,0 +1,171 @@
+"""What ``kodalle sample`` writes, and how: one folder per caption.
+
+::
+
+    OUT/<caption-slug>/0000.png ...   the images (best first when reranked)
+    OUT/<caption-slug>/grid.png       all of them in a near-square grid
+    OUT/<caption-slug>/codes.npy      int32 [n, image_seq_len] VQGAN codes, in image order
+    OUT/<caption-slug>/metadata.json  caption, token ids, seed, settings, checkpoint, scores
+
+Each folder is written under a temporary name and renamed when complete, so an interrupted
+call leaves nothing half-written. Also here: slugs (folder names from captions), tensors to
+PIL images, and :func:`jsonable`, which makes run information JSON-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kodalle_cli.text import normalize
+
+SLUG_MAX_CHARS = 60
+
+
+@dataclass
+class CaptionResult:
+    """One caption's images (best first when reranked) and what produced them."""
+
+    caption: str
+    images: list[Image.Image]
+    metadata: dict
+    directory: Path | None = None
+    codes: torch.Tensor | None = None  # [n, image_seq_len]
+
+
+# ---- folder names ----------------------------------------------------------------------------
+def slugify(caption: str, max_chars: int = SLUG_MAX_CHARS) -> str:
+    """A directory name for a caption: letters (Hangul included) and digits, ``-`` between.
+
+    >>> slugify("하의에서 색상은 블루이다. 카테고리는 스커트이다.")
+    '하의에서-색상은-블루이다-카테고리는-스커트이다'
+    """
+    text = normalize(caption).lower()  # a folder name is NFC whatever it was given
+    slug = re.sub(r"[^\w]+|_+", "-", text, flags=re.UNICODE).strip("-")
+    slug = slug[:max_chars].rstrip("-")
+    return slug or "caption"
+
+
+def unique_slugs(captions: Sequence[str], out: Path | None) -> list[str]:
+    """One slug per caption, unique within the call and not naming a non-empty directory."""
+    taken: set[str] = set()
+    result = []
+    for caption in captions:
+        base = slugify(caption)
+        slug, i = base, 1
+        while slug in taken or (out is not None and _nonempty(out / slug)):
+            i += 1
+            slug = f"{base}-{i}"
+        taken.add(slug)
+        result.append(slug)
+    return result
+
+
+def _nonempty(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+# ---- images ----------------------------------------------------------------------------------
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``[B, 3, H, W]`` in [0, 1] -> PIL RGB images."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2):
+    """The images in a near-square grid (white gaps of ``pad`` pixels)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w + (columns + 1) * pad, rows * h + (rows + 1) * pad),
+                     "white")
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid.paste(img, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+# ---- metadata.json ---------------------------------------------------------------------------
+def jsonable(value):
+    """``value`` with paths as strings, tuples as lists, configs (``to_dict``) as dicts and
+    anything else unknown as its repr: safe for ``json.dumps``."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return jsonable(value.to_dict())
+    return repr(value)
+
+
+def caption_metadata(encoded, caption_index: int, text_seq_len: int, seed: int,
+                     settings: dict, checkpoint: str, run_info: dict, seconds: float,
+                     order: Sequence[int], scores: list[float] | None) -> dict:
+    """metadata.json of one caption. ``encoded``: its
+    :class:`~kodalle_cli.text.EncodedCaption`; ``settings``: how the call sampled;
+    ``order``: image indices as written (best first when reranked); ``scores``: every
+    image's rerank score in generation order (None without a reranker)."""
+    return {
+        "caption": encoded.caption,
+        "caption_index": caption_index,
+        "token_ids": encoded.ids[: encoded.num_tokens],
+        "text_seq_len": text_seq_len,
+        "num_tokens": encoded.num_tokens,
+        "truncated_tokens": encoded.truncated,
+        "unknown_tokens": encoded.unknown_tokens,
+        "warnings": encoded.warnings,
+        "seed": seed,
+        "settings": settings,
+        "checkpoint": checkpoint,
+        "run": jsonable(run_info),
+        "seconds_all_captions": round(seconds, 3),
+        "images": [
+            {"file": f"{rank:04d}.png", "image_index": i,
+             **({"rerank_score": scores[i], "rank": rank} if scores is not None else {})}
+            for rank, i in enumerate(order)
+        ],
+        **({"rerank_scores": scores} if scores is not None else {}),
+    }
+
+
+# ---- the caption folder ----------------------------------------------------------------------
+def write_caption_dir(directory: Path, result: CaptionResult) -> Path:
+    """Write images, grid, codes and metadata under a temporary name, then rename."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name[:20]}.", suffix=".tmp",
+                                dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        for img, info in zip(result.images, result.metadata["images"], strict=True):
+            img.save(tmp / info["file"])
+        make_grid(result.images).save(tmp / "grid.png")
+        if result.codes is not None:
+            np.save(tmp / "codes.npy", result.codes.cpu().numpy().astype(np.int32))
+        (tmp / "metadata.json").write_text(
+            json.dumps(result.metadata, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        if directory.exists():  # empty (unique_slugs skips non-empty ones)
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

@@ -1,0 +1,151 @@
+"""Captions -> token ids: the one caption encoder.
+
+:class:`CaptionEncoder` owns a tokenizer, ``text_seq_len`` and the pad id, and is the only
+place a caption becomes token ids. Every caption is NFC-normalised here, exactly once, and
+encoded with the tokenizer's special tokens; one longer than ``text_seq_len`` is cut by the
+tokenizer (special tokens kept). Its users:
+
+- ``kodalle tokenize`` (training data): :meth:`CaptionEncoder.encode_batch`, ids padded
+  to ``text_seq_len`` as int32 rows, and how many captions were cut;
+- ``kodalle sample`` (and everything built on it): :meth:`CaptionEncoder.encode`, one
+  caption's padded ids with what a user should be warned about (cut, unknown tokens);
+- the reranker's text tower: :meth:`CaptionEncoder.encode_with_mask`, ids padded to the
+  longest caption of the batch with an attention mask.
+
+The training and sampling paths give the same ids for the same caption (tested).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+UNKNOWN_WARN_FRACTION = 0.5
+
+
+def normalize(caption: str) -> str:
+    """The caption as the encoder sees it: NFC (composed Hangul syllables, not jamo)."""
+    return unicodedata.normalize("NFC", caption)
+
+
+@dataclass
+class EncodedCaption:
+    """One caption's ids and what a user should hear about them."""
+
+    caption: str  # NFC-normalised
+    ids: list[int]  # exactly text_seq_len ids (padded)
+    num_tokens: int  # before padding, after truncation
+    full_length: int  # before truncation
+    unknown_tokens: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> int:
+        return self.full_length - self.num_tokens
+
+
+class CaptionEncoder:
+    """A tokenizer, the length every caption is cut or padded to, and the id it is padded with.
+
+    ``pad_id``: for a DALLE, the pad id the model was trained with (the backbone's, see
+    :meth:`for_backbone`; a run records it in its model config); for the reranker, its
+    tokenizer's (:meth:`for_tokenizer`).
+    """
+
+    def __init__(self, tokenizer, text_seq_len: int, pad_id: int):
+        self.tokenizer = tokenizer
+        self.text_seq_len = int(text_seq_len)
+        self.pad_id = int(pad_id)
+
+    @classmethod
+    def for_backbone(cls, backbone, text_seq_len: int) -> CaptionEncoder:
+        """The backbone's tokenizer, padded with the backbone's pad id (its config's pad
+        token; eos for models without one): what ``kodalle tokenize`` writes."""
+        from kodalle_cli.backbone import special_ids
+
+        return cls(backbone.load_tokenizer(), text_seq_len, special_ids(backbone.config())[0])
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, text_seq_len: int) -> CaptionEncoder:
+        """Padded with the tokenizer's own pad token (GPT-style tokenizers without one are
+        given their eos token as pad token): the reranker's text tower."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(tokenizer, text_seq_len, tokenizer.pad_token_id)
+
+    # ---- the one tokenizer call -------------------------------------------------------------
+    def _tokens(self, captions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Per caption (already normalised): (all its ids, the ids kept after truncation)."""
+        if not captions:
+            return []
+        full = self.tokenizer(list(captions), add_special_tokens=True,
+                              truncation=False)["input_ids"]
+        long = [i for i, ids in enumerate(full) if len(ids) > self.text_seq_len]
+        kept = [list(ids) for ids in full]
+        if long:
+            cut = self.tokenizer([captions[i] for i in long], add_special_tokens=True,
+                                 truncation=True, max_length=self.text_seq_len)["input_ids"]
+            for i, ids in zip(long, cut, strict=True):
+                kept[i] = list(ids)
+        return [(list(f), k) for f, k in zip(full, kept, strict=True)]
+
+    # ---- training data ----------------------------------------------------------------------
+    def encode_batch(self, captions: Sequence[str]) -> tuple[np.ndarray, int]:
+        """ids ``[B, text_seq_len]`` int32 padded with ``pad_id``, and how many captions were
+        truncated."""
+        tokens = self._tokens([normalize(c) for c in captions])
+        ids = np.full((len(tokens), self.text_seq_len), self.pad_id, dtype=np.int32)
+        for i, (_, kept) in enumerate(tokens):
+            ids[i, : len(kept)] = kept
+        truncated = sum(len(full) > len(kept) for full, kept in tokens)
+        return ids, truncated
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def encode(self, caption: str) -> EncodedCaption:
+        """One caption's ids padded to ``text_seq_len`` (as :meth:`encode_batch` makes them),
+        with warnings: a caption longer than ``text_seq_len`` is cut (the warning says how
+        many tokens were dropped); one whose tokens are mostly the unknown token gets a
+        warning too (the tokenizer does not know the language or the words)."""
+        caption = normalize(caption)
+        ((full, ids),) = self._tokens([caption])
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        content = [i for i in full if i not in special or i == unk]
+        unknown = sum(1 for i in content if unk is not None and i == unk)
+        enc = EncodedCaption(caption, ids + [self.pad_id] * (self.text_seq_len - len(ids)),
+                             len(ids), len(full), unknown)
+        short = caption if len(caption) <= 40 else caption[:40] + "…"
+        if enc.truncated:
+            enc.warnings.append(
+                f"caption {short!r} is {len(full)} tokens, longer than text_seq_len "
+                f"{self.text_seq_len}: its last {enc.truncated} tokens "
+                f"({100 * enc.truncated / len(full):.0f}% of it) are dropped"
+            )
+        if content and unknown / len(content) >= UNKNOWN_WARN_FRACTION:
+            enc.warnings.append(
+                f"caption {short!r}: {unknown} of its {len(content)} tokens are unknown to "
+                "the tokenizer; the images will barely depend on it (is it in the training "
+                "language?)"
+            )
+        return enc
+
+    # ---- the reranker ------------------------------------------------------------------------
+    def encode_with_mask(self, captions: Sequence[str]) -> dict:
+        """``input_ids`` and ``attention_mask`` (int64 tensors ``[B, longest]``): ids cut to
+        ``text_seq_len`` and padded with ``pad_id`` to the batch's longest caption, on the
+        tokenizer's padding side."""
+        import torch
+
+        kept = [k for _, k in self._tokens([normalize(c) for c in captions])]
+        longest = max((len(k) for k in kept), default=0)
+        ids = torch.full((len(kept), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(kept), longest), dtype=torch.long)
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for i, k in enumerate(kept):
+            span = slice(longest - len(k), longest) if left else slice(0, len(k))
+            ids[i, span] = torch.tensor(k, dtype=torch.long)
+            mask[i, span] = 1
+        return {"input_ids": ids, "attention_mask": mask}
