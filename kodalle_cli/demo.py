@@ -22,7 +22,6 @@ Stages (each one the library function its subcommand calls):
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -41,6 +40,7 @@ from rich.table import Table
 from kodalle_cli import faithfulness as fa
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
+from kodalle_cli.train.metrics import read_metrics
 
 console = Console()
 
@@ -406,15 +406,9 @@ def loss_curves(run_dirs: dict[str, Path]) -> str | None:
         path = run / "metrics.csv"
         if not path.is_file():
             continue
-        with path.open(encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if rows and "metric" in rows[0]:  # tidy: step,split,metric,value
-            for r in rows:
-                if r["metric"] == "loss":
-                    series.setdefault(f"{name} {r['split']}", []).append(
-                        (int(r["step"]), float(r["value"])))
-        elif rows and "loss" in rows[0]:  # wide: step,...,loss,...
-            series[f"{name} train"] = [(int(r["step"]), float(r["loss"])) for r in rows]
+        for r in read_metrics(path):
+            if r["metric"] == "loss":
+                series.setdefault(f"{name} {r['split']}", []).append((r["step"], r["value"]))
     if not series:
         return None
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.5 * len(run_dirs), 3.2))

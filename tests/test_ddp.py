@@ -10,7 +10,7 @@ import pytest
 from conftest import write_tiny_tokens
 
 from kodalle_cli.cli import main
-from kodalle_cli.train.trainer import read_metrics
+from kodalle_cli.train.metrics import read_metrics
 
 COMMON = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16", "--device", "cpu",
           "--workers", "0", "--no-progress", "--lr", "1e-3", "--warmup-steps", "2",

@@ -203,7 +203,7 @@ def test_rerank_command_refuses_a_missing_reranker(tmp_path, capsys):
 
 def test_train_reranker_command_resumes_its_run(shards, backbone_dir, tmp_path):
     from kodalle_cli.cli import main
-    from kodalle_cli.train.trainer import read_metrics
+    from kodalle_cli.train.metrics import read_metrics
 
     out = tmp_path / "run"
     args = ["train", "reranker", "--backbone", str(backbone_dir), "--data", str(shards),

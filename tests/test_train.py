@@ -13,7 +13,8 @@ from kodalle_cli.cli import main
 from kodalle_cli.data.tokens import TokenBatches, TokenShardsWriter, read_manifest
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.runs import load_run
-from kodalle_cli.train.trainer import Task, TrainerConfig, read_metrics, train
+from kodalle_cli.train.metrics import read_metrics
+from kodalle_cli.train.trainer import Task, TrainerConfig, train
 
 TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16", "--device", "cpu",
         "--workers", "0", "--no-progress"]
@@ -46,9 +47,11 @@ def test_cli_train_writes_a_self_contained_run_that_learns(tiny_dalle_data, tmp_
     losses = val_losses(run)
     assert losses[60] < 0.75 * losses[0], losses
     # the run loads from its directory and from its checkpoint directory
-    model, cfg, tokenizer, vqgan = load_run(run)
-    assert tokenizer is not None and vqgan is not None and model.config.dim == 32
-    again = load_run(run / "checkpoints" / "step-0000060", with_vqgan=False)[0]
+    loaded = load_run(run)
+    model = loaded.model
+    assert loaded.tokenizer is not None and loaded.vqgan is not None
+    assert model.config.dim == 32
+    again = load_run(run / "checkpoints" / "step-0000060", with_vqgan=False).model
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
 

@@ -19,14 +19,8 @@ from kodalle_cli import runs
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
-from kodalle_cli.train.trainer import (
-    Task,
-    TrainerConfig,
-    TrainResult,
-    latest_checkpoint,
-    setup_distributed,
-    train,
-)
+from kodalle_cli.train.dist import setup_distributed
+from kodalle_cli.train.trainer import Task, TrainerConfig, TrainResult, train
 
 MODEL_OPTIONS = ("dim", "depth", "heads", "dim_head", "text_seq_len")
 
@@ -206,7 +200,7 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
 
     dist, device = setup_distributed(cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
-    existing = (out / runs.CONFIG).is_file() and latest_checkpoint(out) is not None
+    existing = (out / runs.CONFIG).is_file() and runs.latest_checkpoint(out) is not None
     if cfg.resume and not existing:
         raise KodalleError(f"--resume: {out} has no checkpoint to resume from")
     tokens_dir = find_tokens(cfg, dist.main, dist)
