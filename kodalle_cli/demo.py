@@ -25,7 +25,6 @@ import base64
 import html
 import io
 import json
-import re
 import shutil
 import time
 import warnings
@@ -39,7 +38,8 @@ from rich.table import Table
 
 from kodalle_cli import faithfulness as fa
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
-from kodalle_cli.data import synthetic
+from kodalle_cli.data import kfashion, synthetic
+from kodalle_cli.data.captions import caption_attribute, caption_from_label
 from kodalle_cli.train.metrics import read_metrics
 
 console = Console()
@@ -51,8 +51,6 @@ CATEGORIES = ("티셔츠", "블라우스", "스커트", "팬츠", "코트", "드
 HOLDOUT = (("레드", "스커트"), ("블루", "코트"), ("그린", "티셔츠"), ("옐로우", "드레스"),
            ("핑크", "팬츠"), ("블랙", "블라우스"))
 PALETTE = {c: synthetic.COLOURS[c] for c in COLOURS}  # the true colours: nothing is fitted
-COLOUR_RE = re.compile(r"색상은 (\S+?)이다")
-CATEGORY_RE = re.compile(r"카테고리는 (\S+?)이다")
 
 
 @dataclass
@@ -103,20 +101,16 @@ class DemoResult:
 
 
 def caption_colour(caption: str) -> str | None:
-    match = COLOUR_RE.search(caption)
-    return match.group(1) if match else None
+    return caption_attribute(caption, kfashion.COLOUR)
 
 
 def caption_category(caption: str) -> str | None:
-    match = CATEGORY_RE.search(caption)
-    return match.group(1) if match else None
+    return caption_attribute(caption, kfashion.CATEGORY)
 
 
 def holdout_captions(root: Path, seed: int, per_combo: int = 2) -> list[str]:
     """``per_combo`` distinct captions for each held-out colour/category pair (garments that
     differ in print, sleeve or length), pair by pair."""
-    from kodalle_cli.data.captions import caption_from_label
-
     items = synthetic.generate(root, len(HOLDOUT) * per_combo * 12, size=32, seed=seed + 1,
                                combos=HOLDOUT)
     per: dict[tuple[str, str], list[str]] = defaultdict(list)

@@ -5,7 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from kodalle_cli.data.captions import caption_from_label, has_final_consonant, topic
+from kodalle_cli.data.captions import (
+    caption_attribute,
+    caption_from_label,
+    has_final_consonant,
+    topic,
+)
 
 FIXTURES = Path(__file__).parents[2] / "shared/fixtures/kfashion"
 
@@ -67,6 +72,15 @@ def test_label_with_no_attributes_gives_an_empty_caption():
 def test_label_without_labeling_block_raises():
     with pytest.raises(KeyError):
         caption_from_label({"이미지 정보": {}})
+
+
+def test_caption_attribute_reads_a_value_back():
+    caption = caption_from_label(label(하의={"색상": "블루", "카테고리": "스커트"},
+                                       상의={"색상": "화이트", "카테고리": "블라우스"}))
+    assert caption_attribute(caption, "색상") == "블루"  # the first part's
+    assert caption_attribute(caption, "카테고리") == "스커트"
+    assert caption_attribute(caption, "핏") is None
+    assert caption_attribute("상의에서 소매기장은 7부소매이다.", "소매기장") == "7부소매"
 
 
 def test_particles_follow_the_final_syllable():

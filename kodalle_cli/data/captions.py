@@ -1,4 +1,5 @@
-"""Korean captions built from K-Fashion label JSONs (the captions KoDALLE trained on).
+"""Korean captions built from K-Fashion label JSONs (the captions KoDALLE trained on), and
+read back (:func:`caption_attribute`). What a label holds is :mod:`kodalle_cli.data.kfashion`.
 
 The label's ``데이터셋 정보.데이터셋 상세설명.라벨링`` holds one entry per part (아우터, 하의,
 원피스, 상의; ``[{}]`` when the part is absent) and a 스타일 entry. Each part's attributes become
@@ -16,21 +17,13 @@ styles. Every sentence ends in 이다.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from typing import Any
 
-CAPTION_STYLES = ("per-part", "per-attribute", "compact")
-PARTS = ("아우터", "하의", "원피스", "상의")
-LIST_ATTRIBUTES = ("소재", "프린트", "디테일")
-STYLE_KEY = "스타일"
-CATEGORY_KEY = "카테고리"
+from kodalle_cli.data.kfashion import CATEGORY, LIST_ATTRIBUTES, part_attributes, style_attributes
 
-# Spelling variants seen in K-Fashion labels -> the spelling the captions use.
-SPELLING = {
-    "노말": "노멀",
-    "롱슬리브": "긴팔",
-    "숏슬리브": "반팔",
-}
+CAPTION_STYLES = ("per-part", "per-attribute", "compact")
 
 # Digits and Latin letters read with a final consonant (영 일 삼 육 칠 팔; L M N as 엘 엠 엔 ...).
 _CONSONANT_ENDINGS = set("013678lmnrLMNR")
@@ -57,60 +50,8 @@ def subject(word: str) -> str:
     return word + ("이" if has_final_consonant(word) else "가")
 
 
-def normalise(value: str) -> str:
-    value = " ".join(str(value).split())
-    return SPELLING.get(value, value)
-
-
-def _value(value: Any) -> str:
-    """An attribute value as text: lists joined with ", ", spelling normalised, empties dropped."""
-    if isinstance(value, list | tuple):
-        return ", ".join(v for v in (normalise(x) for x in value if x is not None) if v)
-    if value is None or isinstance(value, dict):
-        return ""
-    return normalise(value)
-
-
-def labeling(label: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The ``라벨링`` block of a K-Fashion label (raises KeyError/TypeError when absent)."""
-    block = label["데이터셋 정보"]["데이터셋 상세설명"]["라벨링"]
-    if not isinstance(block, Mapping):
-        raise TypeError("라벨링 is not an object")
-    return block
-
-
-def _entries(block: Mapping[str, Any], key: str) -> Iterable[Mapping[str, Any]]:
-    entries = block.get(key) or []
-    if isinstance(entries, Mapping):
-        entries = [entries]
-    for entry in entries:
-        if isinstance(entry, Mapping) and entry:
-            yield entry
-
-
-def part_attributes(label: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
-    """``[(part, [(attribute, value text), ...]), ...]`` in the label's order, empties skipped."""
-    block = labeling(label)
-    out = []
-    for part in block:
-        if part == STYLE_KEY or part not in PARTS:
-            continue
-        for entry in _entries(block, part):
-            attrs = [(str(k), _value(v)) for k, v in entry.items()]
-            attrs = [(k, v) for k, v in attrs if v]
-            if attrs:
-                out.append((part, attrs))
-    return out
-
-
 def _style_sentences(label: Mapping[str, Any]) -> list[str]:
-    sentences = []
-    for entry in _entries(labeling(label), STYLE_KEY):
-        for k, v in entry.items():
-            text = _value(v)
-            if text:
-                sentences.append(f"{topic(str(k))} {text}이다.")
-    return sentences
+    return [f"{topic(name)} {text}이다." for name, text in style_attributes(label)]
 
 
 def _attribute_sentence(name: str, value: str) -> str:
@@ -137,8 +78,8 @@ def caption_from_label(
         elif style == "per-attribute":
             sentences.extend(f"{part}에서 {_attribute_sentence(n, v)}" for n, v in attrs)
         else:  # compact
-            category = next((v for n, v in attrs if n == CATEGORY_KEY), None)
-            phrases = [f"{subject(n)} {v}" for n, v in attrs if n != CATEGORY_KEY]
+            category = next((v for n, v in attrs if n == CATEGORY), None)
+            phrases = [f"{subject(n)} {v}" for n, v in attrs if n != CATEGORY]
             if category is None:
                 sentences.append(f"{topic(part)} {' '.join(phrases)}이다.")
             elif phrases:
@@ -146,3 +87,10 @@ def caption_from_label(
             else:
                 sentences.append(f"{topic(part)} {category}이다.")
     return " ".join(sentences)
+
+
+def caption_attribute(caption: str, name: str) -> str | None:
+    """The value a per-part or per-attribute caption gives attribute ``name`` (its first
+    ``{name}은/는 {value}이다`` sentence), or None: ``caption_attribute(c, "색상")``."""
+    match = re.search(re.escape(topic(name)) + r" (\S+?)이다", caption)
+    return match.group(1) if match else None

@@ -8,6 +8,8 @@
 - :func:`preprocess` does all of it for one file; :func:`encode_jpeg` writes the shard JPEG.
 - :func:`to_tensor` turns PIL images into a float tensor ``[B, 3, S, S]`` in [0, 1] for the
   VQGAN, reranker and scorer.
+- :func:`rgb_array` turns a PIL image, array or tensor into float RGB pixels in [0, 255] for
+  the pixel checkers (:mod:`~kodalle_cli.data.synthetic`).
 """
 
 from __future__ import annotations
@@ -241,3 +243,16 @@ def to_tensor(images, size: int | None = None, resize: str = "pad"):
         raise ValueError("to_tensor needs at least one image")
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch.float().div_(255.0).contiguous()
+
+
+def rgb_array(image) -> np.ndarray:
+    """Pixels as float32 ``[H, W, 3]`` in [0, 255], from a PIL image, an HWC array or a CHW
+    tensor/array in [0, 1] or [0, 255] (what the pixel checkers read)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32)
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:  # CHW tensor
+        arr = arr.transpose(1, 2, 0)
+    if arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return arr

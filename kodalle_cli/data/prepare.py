@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import queue
@@ -24,8 +23,9 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kodalle_cli.data.captions import CAPTION_STYLES, caption_from_label, labeling
+from kodalle_cli.data.captions import CAPTION_STYLES, caption_from_label
 from kodalle_cli.data.images import MAX_PIXELS, RESIZE_MODES, ImageError, encode_jpeg, preprocess
+from kodalle_cli.data.kfashion import LabelError, label_boxes, labeling, read_label
 from kodalle_cli.data.shards import (
     ShardWriter,
     is_complete,
@@ -111,45 +111,6 @@ def split_of(key: str, val_fraction: float) -> str:
 
 
 # ---- one sample ------------------------------------------------------------------------------
-def _read_label(path: str, where: str) -> dict:
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise SampleError(where, f"invalid JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SampleError(where, f"unreadable label: {exc}") from None
-    if not isinstance(data, dict):
-        raise SampleError(where, "invalid label: not a JSON object")
-    return data
-
-
-def label_boxes(label: dict) -> tuple[list[tuple[float, float, float, float]], tuple[int, int] | None]:
-    """The label's garment rectangles (렉트좌표) as (left, top, right, bottom), and the image
-    size the label declares (이미지 너비/높이) when present. Raises ImageError when a rectangle
-    is degenerate."""
-    detail = label["데이터셋 정보"]["데이터셋 상세설명"]
-    rects = detail.get("렉트좌표") or {}
-    boxes = []
-    for part, entries in rects.items() if isinstance(rects, dict) else ():
-        for r in entries if isinstance(entries, list) else [entries]:
-            if not isinstance(r, dict) or not r:
-                continue
-            try:
-                x, y, w, h = (float(r[k]) for k in ("X좌표", "Y좌표", "가로", "세로"))
-            except (KeyError, TypeError, ValueError):
-                raise ImageError(f"degenerate crop box: bad {part} rectangle {r}") from None
-            if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-                raise ImageError(f"degenerate crop box: {part} rectangle {w}x{h}")
-            boxes.append((x, y, x + w, y + h))
-    info = label.get("이미지 정보") or {}
-    try:
-        space = (int(info["이미지 너비"]), int(info["이미지 높이"]))
-    except (KeyError, TypeError, ValueError):
-        space = None
-    return boxes, space
-
-
 def make_sample(c: Candidate, cfg: PrepareConfig) -> tuple[bytes, str, dict]:
     """(JPEG bytes, caption, metadata) for one candidate; raises SampleError with the reason."""
     root = Path(cfg.source)
@@ -159,7 +120,10 @@ def make_sample(c: Candidate, cfg: PrepareConfig) -> tuple[bytes, str, dict]:
     label_source = None
     if c.label is not None:
         label_source = Path(os.path.relpath(c.label, root)).as_posix()
-        label = _read_label(c.label, label_source)
+        try:
+            label = read_label(c.label)
+        except LabelError as exc:
+            raise SampleError(label_source, str(exc)) from None
         try:
             caption = caption_from_label(label, cfg.caption_style, cfg.include_style)
             labels = labeling(label)
@@ -172,7 +136,7 @@ def make_sample(c: Candidate, cfg: PrepareConfig) -> tuple[bytes, str, dict]:
                 boxes, space = label_boxes(label)
             except (KeyError, TypeError, AttributeError):
                 raise SampleError(label_source, "label lacks 렉트좌표 (rectangles)") from None
-            except ImageError as exc:
+            except LabelError as exc:
                 raise SampleError(label_source, str(exc)) from None
             if not boxes:
                 raise SampleError(label_source, "degenerate crop box: label has no rectangles")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kodalle_cli.data.kfashion import LabelError, image_file_name, is_label, read_label
 from kodalle_cli.errors import KodalleError, UsageError
 
 FORMATS = ("auto", "kfashion", "folder", "jsonl", "csv")
@@ -110,7 +111,7 @@ def detect_format(source: Path, exclude: Path | None = None) -> str:
                 data = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            if isinstance(data, dict) and ("데이터셋 정보" in data or "이미지 정보" in data):
+            if is_label(data):
                 return "kfashion"
     if ".txt" in suffixes and suffixes & set(IMAGE_EXTENSIONS):
         return "folder"
@@ -145,19 +146,9 @@ def manifest_path(source: Path, fmt: str) -> Path:
 def label_image_name(label_path: str) -> tuple[str | None, str | None]:
     """(``이미지 정보.이미지 파일명`` or None, error) for one label file. Runs in workers."""
     try:
-        with open(label_path, encoding="utf-8-sig") as fh:
-            data = json.load(fh)
-    except UnicodeDecodeError:
-        return None, "label is not UTF-8 text"
-    except json.JSONDecodeError as exc:
-        return None, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-    except OSError as exc:
-        return None, f"unreadable label: {exc.strerror or exc}"
-    if not isinstance(data, dict):
-        return None, "invalid label: not a JSON object"
-    info = data.get("이미지 정보")
-    name = info.get("이미지 파일명") if isinstance(info, dict) else None
-    return (str(name) if name else None), None
+        return image_file_name(read_label(label_path)), None
+    except LabelError as exc:
+        return None, str(exc)
 
 
 def scan_kfashion(

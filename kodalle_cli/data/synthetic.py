@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from kodalle_cli.data.images import rgb_array
+from kodalle_cli.data.kfashion import CATEGORY, COLOUR, make_label
+
 # Flat colours that are far from white and from each other (min RGB distance ~80).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "레드": (220, 30, 35),
@@ -63,7 +66,6 @@ LENGTHS: dict[str, tuple[str, ...]] = {  # 기장 of bottoms
     "스커트": ("미니", "미디", "발목"),
     "팬츠": ("발목",),
 }
-PART_ORDER = ("아우터", "하의", "원피스", "상의")  # the order of parts in a real label
 WHITE = (255, 255, 255)
 
 Polygon = list[tuple[float, float]]
@@ -224,12 +226,13 @@ def render(g: Garment, size: int = 256) -> tuple[Image.Image, tuple[int, int, in
 # ---- labels ----------------------------------------------------------------------------------
 def garment_label(g: Garment, ident: int, file_name: str, size: int,
                   box: tuple[int, int, int, int]) -> dict:
-    """A label JSON in the real K-Fashion schema for one garment."""
+    """A label JSON in the real K-Fashion schema for one garment (a ``size`` x ``size`` image,
+    the garment's box (x, y, w, h))."""
     attrs: dict = {}
     if g.length:
         attrs["기장"] = g.length
-    attrs["색상"] = g.colour
-    attrs["카테고리"] = g.category
+    attrs[COLOUR] = g.colour
+    attrs[CATEGORY] = g.category
     if g.sleeve:
         attrs["소매기장"] = g.sleeve
     attrs["프린트"] = [g.print]
@@ -238,24 +241,7 @@ def garment_label(g: Garment, ident: int, file_name: str, size: int,
     polygon = {"X좌표1": float(x), "Y좌표1": float(y), "X좌표2": float(x + w), "Y좌표2": float(y),
                "X좌표3": float(x + w), "Y좌표3": float(y + h), "X좌표4": float(x),
                "Y좌표4": float(y + h)}
-
-    def per_part(value):
-        return {p: [value if p == g.part else {}] for p in PART_ORDER}
-
-    return {
-        "이미지 정보": {"이미지 식별자": ident, "이미지 높이": size, "이미지 파일명": file_name,
-                    "이미지 너비": size},
-        "데이터셋 정보": {
-            "파일 생성일자": "2026-01-01 00:00:00",
-            "데이터셋 상세설명": {
-                "렉트좌표": per_part(rect),
-                "폴리곤좌표": per_part(polygon),
-                "라벨링": {"스타일": [{}], **per_part(attrs)},
-            },
-            "파일 번호": ident,
-            "파일 이름": file_name,
-        },
-    }
+    return make_label(file_name, ident, (size, size), {g.part: (attrs, rect, polygon)})
 
 
 # ---- data sets -------------------------------------------------------------------------------
@@ -343,20 +329,9 @@ def generate(
 
 
 # ---- reading garments back from pixels ---------------------------------------------------------
-def _rgb(image) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32)
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:  # CHW tensor
-        arr = arr.transpose(1, 2, 0)
-    if arr.max(initial=0) <= 1.0:
-        arr = arr * 255.0
-    return arr
-
-
 def foreground(image, threshold: float = 60.0) -> np.ndarray:
     """Pixels that are not background white (RGB distance from white above ``threshold``)."""
-    arr = _rgb(image)
+    arr = rgb_array(image)
     return np.linalg.norm(arr - 255.0, axis=-1) > threshold
 
 
@@ -368,7 +343,7 @@ def garment_colour(image, palette: dict[str, tuple[int, int, int]] | None = None
     [0, 1] or [0, 255]): the palette colour most non-background pixels are nearest to.
     None when the image is all background."""
     palette = palette or COLOURS
-    arr = _rgb(image)
+    arr = rgb_array(image)
     fg = arr[foreground(arr)]
     if len(fg) == 0:
         return None
@@ -425,7 +400,7 @@ def garment_category(image) -> str | None:
     """The category of the garment in ``image``: the template silhouette (every category,
     sleeve and length) that best matches its shape, after normalising position and scale.
     None when the image is all background."""
-    arr = _rgb(image)
+    arr = rgb_array(image)
     size = max(arr.shape[:2])
     sil = _normalised_silhouette(_closed_mask(foreground(arr)))
     if sil is None:
