@@ -1,8 +1,8 @@
 """The DALLE transformer: KoDALLE's architecture in one readable file (nanoGPT style).
 
 KoDALLE is lucidrains' DALLE-pytorch (``DALLE(..., rotary_emb=False, shift_tokens=False,
-attn_types=('full',))``) whose text token and text position embeddings are a pretrained
-language model's tables. The sequence is::
+attn_types=('full',), reversible=True)``) whose text token and text position embeddings are a
+pretrained language model's tables. The sequence is::
 
     [bos] t_1 ... t_T  c_1 ... c_N          (T = text_seq_len, N = image_fmap_size ** 2)
 
@@ -10,6 +10,31 @@ and position ``j`` predicts token ``j + 1``: text positions predict text, image 
 predict image codes (the logits of the other kind are masked). The parameters are the same
 as DALLE-pytorch's, so :mod:`kodalle_cli.model.convert` maps checkpoints both ways and the
 tests check our logits against DALLE-pytorch 1.6.6.
+
+DALLE-pytorch 1.6.6's architecture options, each with its definition (the tests compare
+logits, losses and greedy codes with DALLE-pytorch for each):
+
+- ``reversible``: two residual streams, both starting as the input; block ``i`` computes
+  ``x1 += attn_branch(x2)`` then ``x2 += ff_branch(x1)``, and the output is ``(x1 + x2) / 2``.
+  In training, :class:`Reversible` keeps no activations inside the blocks: backward rebuilds
+  each block's inputs from its outputs (``x2 = y2 - ff(y1)``, ``x1 = y1 - attn(x2)``), so
+  activation memory does not grow with depth. At inference it is the same loop, cached.
+- ``rotary_emb``: no position tables; queries, keys *and values* are rotated (DALLE-pytorch
+  rotates all three) in the first ``6 * (dim_head // 3 // 2)`` channels of each head: a text
+  part (language frequencies; text position ``p``, every image position at 8192) and two
+  image axes (pixel frequencies over ``linspace(-1, 1, fmap)`` per row and column; text at
+  -10). :func:`rotary_angles` builds the table, row ``p`` for sequence position ``p``.
+- ``shift_tokens``: after each sub-layer's LayerNorm, a text position takes the first half of
+  its channels from the previous position; an image position takes the first quarter from the
+  position above it and the second quarter from the one to its left (zeros at the edges and
+  for ``<bos>``). The KV cache keeps the normalised inputs so decoding can shift as well.
+- ``attn_types``: a cycle over the layers of ``full`` (causal), ``axial_row``, ``axial_col``
+  and ``conv_like``: text attends causally to text; an image position attends to the whole
+  text and, of the image, to its row so far (``axial_row``), its column so far
+  (``axial_col``), or a ``5 x 5`` window above and left of it including itself (``conv_like``,
+  DALLE-pytorch's kernel size 5, dilation 1). All are masks over
+  ``F.scaled_dot_product_attention`` (:func:`attention_mask`), so the KV cache covers them.
+  DeepSpeed's block-sparse ``sparse`` attention is refused.
 
 Choices about the text side (what the oracle test pins down):
 
@@ -41,12 +66,18 @@ Generation uses a preallocated key/value cache (:class:`KVCache`)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kodalle_cli.errors import ConfigError
+
+ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
+CONV_KERNEL, CONV_DILATION = 5, 1  # DALLE-pytorch's conv_like window (its Transformer's)
 
 
 @dataclass
@@ -70,6 +101,23 @@ class DALLEConfig:
     sandwich_norm: bool = False  # DALLE-pytorch's `sandwich_norm` (LayerNorm after each block)
     attn_dropout: float = 0.0
     ff_dropout: float = 0.0
+    reversible: bool = False  # two-stream reversible blocks (KoDALLE's REVERSIBLE)
+    rotary_emb: bool = False  # rotary positions instead of the position tables
+    shift_tokens: bool = False  # DALLE-pytorch's token shift
+    attn_types: tuple[str, ...] = ("full",)  # cycled over the layers
+
+    def __post_init__(self):
+        types = self.attn_types
+        if isinstance(types, str):
+            types = types.split(",")
+        self.attn_types = tuple(str(t).strip() for t in types)
+        value = ",".join(self.attn_types)
+        if "sparse" in self.attn_types:
+            raise ConfigError("attn_types", value, "sparse (DeepSpeed block-sparse) attention "
+                              f"is not supported; use {', '.join(ATTN_TYPES)}")
+        unknown = [t for t in self.attn_types if t not in ATTN_TYPES]
+        if unknown or not self.attn_types:
+            raise ConfigError("attn_types", value, f"each must be one of {', '.join(ATTN_TYPES)}")
 
     @property
     def image_seq_len(self) -> int:
@@ -83,8 +131,13 @@ class DALLEConfig:
     def text_emb_rows(self) -> int:
         return self.num_text_logits if self.unique_pad_tokens else self.num_text_tokens
 
+    def attn_type(self, layer: int) -> str:
+        return self.attn_types[layer % len(self.attn_types)]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["attn_types"] = list(self.attn_types)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DALLEConfig:
@@ -96,13 +149,20 @@ class KVCache:
     """Preallocated keys and values of every layer: ``k[layer]`` is ``[B, heads, L, dim_head]``.
 
     Attention writes the new positions in place (no concatenation per step) and reads the
-    prefix ``[:length]``. ``length`` is the number of positions already in the cache.
+    prefix ``[:length]``. ``length`` is the number of positions already in the cache. With
+    token shift, ``shift[layer, sub]`` (``[B, L, dim]``) holds the normalised inputs of the
+    attention (``sub`` 0) and feed-forward (1) sub-layers, which the shift reads back.
     """
 
-    def __init__(self, depth, batch, heads, max_len, dim_head, device=None, dtype=None):
+    def __init__(self, depth, batch, heads, max_len, dim_head, device=None, dtype=None,
+                 shift_dim: int | None = None):
         shape = (depth, batch, heads, max_len, dim_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.shift = None
+        if shift_dim is not None:
+            self.shift = torch.zeros(depth, 2, batch, max_len, shift_dim, device=device,
+                                     dtype=dtype)
         self.length = 0
 
     @property
@@ -110,26 +170,158 @@ class KVCache:
         return self.k.shape[3]
 
 
-class Attention(nn.Module):
+# ---- positions: rotary embeddings, attention masks, token shift ------------------------------
+def rotary_angles(text_seq_len: int, image_fmap_size: int, dim_head: int) -> torch.Tensor:
+    """DALLE-pytorch 1.6.6's rotary table ``[T + 1 + N, 6 * (dim_head // 3 // 2)]`` (its
+    ``transformer.pos_emb[0]``): per position, the angle of each rotated channel pair (each
+    angle repeated for the two channels of its pair)."""
+    rot = dim_head // 3
+    text_len, n = text_seq_len + 1, image_fmap_size**2
+    lang = 1.0 / (10000.0 ** (torch.arange(0, rot, 2)[: rot // 2].float() / rot))
+    pixel = torch.linspace(1.0, 10 / 2, rot // 2) * math.pi
+
+    def angles(pos, freqs):
+        return (pos.float()[:, None] * freqs).repeat_interleave(2, dim=-1)
+
+    # text frequencies: text at its position, the image far away (8192)
+    text_part = angles(torch.cat((torch.arange(text_len), torch.full((n,), 8192))), lang)
+    # two image axes at linspace(-1, 1) (row, column); the text at -10 on both
+    axis = angles(torch.linspace(-1, 1, steps=image_fmap_size), pixel)
+    f = image_fmap_size
+    grid = torch.cat((axis[:, None].expand(f, f, -1), axis[None, :].expand(f, f, -1)), dim=-1)
+    text_axial = angles(torch.full((text_len,), -10.0), pixel).repeat(1, 2)
+    image_part = torch.cat((text_axial, grid.reshape(n, -1)), dim=0)
+    return torch.cat((text_part, image_part), dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Channel pairs (a, b) -> (-b, a)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-b, a), dim=-1).flatten(-2)
+
+
+def apply_rotary(rope, t: torch.Tensor) -> torch.Tensor:
+    """Rotate the first channels of ``t [B, H, n, dh]`` by ``rope = (cos, sin)`` ([n, r]);
+    ``rope=None``: no rotary embeddings."""
+    if rope is None:
+        return t
+    cos, sin = rope
+    r = cos.shape[-1]
+    x = t[..., :r].float()
+    rotated = (x * cos + rotate_half(x) * sin).to(t.dtype)
+    return torch.cat((rotated, t[..., r:]), dim=-1)
+
+
+class Rotary(nn.Module):
+    """cos / sin of :func:`rotary_angles` (float32, not saved), sliced per forward."""
+
     def __init__(self, cfg: DALLEConfig):
+        super().__init__()
+        angles = rotary_angles(cfg.text_seq_len, cfg.image_fmap_size, cfg.dim_head)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, n: int):
+        return self.cos[start : start + n].float(), self.sin[start : start + n].float()
+
+
+class NoRotary(nn.Module):
+    def forward(self, start: int, n: int):
+        return None
+
+
+def attention_mask(attn_type: str, q_pos: torch.Tensor, k_pos: torch.Tensor, text_len: int,
+                   fmap: int) -> torch.Tensor:
+    """Which keys each query may attend to, ``[len(q_pos), len(k_pos)]`` bool.
+
+    Positions count ``<bos>`` as 0, so the image starts at ``text_len = text_seq_len + 1``.
+    Text queries: causal. Image queries: all of the text, and of the image what
+    ``attn_type`` allows (every pattern is causal in raster order).
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if attn_type == "full":
+        return causal
+    qr, qc = (q_pos - text_len).div(fmap, rounding_mode="floor"), (q_pos - text_len) % fmap
+    kr, kc = (k_pos - text_len).div(fmap, rounding_mode="floor"), (k_pos - text_len) % fmap
+    dr, dc = qr[:, None] - kr[None, :], qc[:, None] - kc[None, :]  # how far up / left the key is
+    if attn_type == "axial_row":
+        image = (dr == 0) & (dc >= 0)
+    elif attn_type == "axial_col":
+        image = (dc == 0) & (dr >= 0)
+    elif attn_type == "conv_like":
+        span = (CONV_KERNEL - 1) * CONV_DILATION
+        image = ((dr >= 0) & (dr <= span) & (dr % CONV_DILATION == 0)
+                 & (dc >= 0) & (dc <= span) & (dc % CONV_DILATION == 0))
+    else:
+        raise ValueError(f"unknown attention type {attn_type!r}")
+    text_query, text_key = q_pos[:, None] < text_len, k_pos[None, :] < text_len
+    return causal & (text_query | text_key | image)
+
+
+class TokenShift(nn.Module):
+    """DALLE-pytorch's PreShiftToken on a sub-layer's normalised input (see the module doc).
+
+    Positions ``start..start+n`` of ``x [B, n, dim]`` are shifted; with a cache the earlier
+    positions come from ``cache.shift[layer, sub]``, where ``x`` is stored first.
+    """
+
+    def __init__(self, cfg: DALLEConfig, sub: int):
+        super().__init__()
+        self.text_len, self.fmap, self.sub = cfg.text_seq_len + 1, cfg.image_fmap_size, sub
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        b, n, d = x.shape
+        if cache is not None:
+            cache.shift[layer, self.sub][:, start : start + n] = x
+            x = cache.shift[layer, self.sub][:, : start + n]
+        # row 0 of `padded` is zeros: position p is row p + 1, "no neighbour" is row 0
+        padded = F.pad(x, (0, 0, 1, 0))
+        pos = torch.arange(start, start + n, device=x.device)
+        i = pos - self.text_len  # image index (negative for text)
+        is_image = i >= 0
+        left = torch.where(is_image & (i % self.fmap == 0), 0, pos)  # row p: position p - 1
+        top = torch.where(is_image & (i >= self.fmap), pos + 1 - self.fmap, 0)
+        ch = torch.arange(d, device=x.device)
+        half, quarter = (d + 1) // 2, (d + 3) // 4  # torch.chunk's sizes for 2 and 4 chunks
+        from_top = is_image[:, None] & (ch < quarter)
+        from_left = torch.where(is_image[:, None], (ch >= quarter) & (ch < 2 * quarter),
+                                ch < half)
+        out = torch.where(from_left, padded[:, left], padded[:, pos + 1])
+        return torch.where(from_top, padded[:, top], out)
+
+
+class NoShift(nn.Module):
+    def forward(self, x, cache=None, layer=0, start=0):
+        return x
+
+
+# ---- the blocks ------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: DALLEConfig, attn_type: str = "full"):
         super().__init__()
         inner = cfg.heads * cfg.dim_head
         self.heads, self.dim_head = cfg.heads, cfg.dim_head
+        self.attn_type, self.text_len, self.fmap = attn_type, cfg.text_seq_len + 1, cfg.image_fmap_size
         self.to_qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.dim)
         self.dropout = nn.Dropout(cfg.attn_dropout)  # DALLE-pytorch drops the output
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                rope=None):
         b, n, _ = x.shape
         q, k, v = (
-            t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+            apply_rotary(rope, t.view(b, n, self.heads, self.dim_head).transpose(1, 2))
             for t in self.to_qkv(x).chunk(3, dim=-1)
         )
         if cache is not None:
             cache.k[layer, :, :, start : start + n] = k
             cache.v[layer, :, :, start : start + n] = v
             k, v = cache.k[layer, :, :, : start + n], cache.v[layer, :, :, : start + n]
-        if start == 0:  # the whole prefix: plain causal attention
+        if self.attn_type != "full":
+            pos = torch.arange(start + n, device=x.device)
+            mask = attention_mask(self.attn_type, pos[start:], pos, self.text_len, self.fmap)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif start == 0:  # the whole prefix: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif n == 1:  # one new position sees everything before it
             out = F.scaled_dot_product_attention(q, k, v)
@@ -161,24 +353,110 @@ def layer_scale_init(layer: int) -> float:
 
 
 class Block(nn.Module):
-    """Pre-norm attention and feed-forward, each scaled (LayerScale) and added back."""
+    """Pre-norm attention and feed-forward branches, each scaled (LayerScale) and added back
+    (to one stream, or crosswise to two: :class:`Reversible`)."""
 
     def __init__(self, cfg: DALLEConfig, layer: int):
         super().__init__()
         eps = layer_scale_init(layer + 1)
+        shift = TokenShift if cfg.shift_tokens else lambda cfg, sub: NoShift()
         self.attn_norm = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg)
+        self.attn_shift = shift(cfg, 0)
+        self.attn = Attention(cfg, cfg.attn_type(layer))
         self.attn_norm_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.attn_scale = nn.Parameter(torch.full((cfg.dim,), eps))
         self.ff_norm = nn.LayerNorm(cfg.dim)
+        self.ff_shift = shift(cfg, 1)
         self.ff = FeedForward(cfg)
         self.ff_norm_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.ff_scale = nn.Parameter(torch.full((cfg.dim,), eps))
 
-    def forward(self, x, cache=None, layer=0, start=0):
-        x = x + self.attn_norm_out(self.attn(self.attn_norm(x), cache, layer, start)) * self.attn_scale
-        x = x + self.ff_norm_out(self.ff(self.ff_norm(x))) * self.ff_scale
+    def attn_branch(self, x, cache=None, layer=0, start=0, rope=None):
+        h = self.attn_shift(self.attn_norm(x), cache, layer, start)
+        return self.attn_norm_out(self.attn(h, cache, layer, start, rope)) * self.attn_scale
+
+    def ff_branch(self, x, cache=None, layer=0, start=0, rope=None):
+        h = self.ff_shift(self.ff_norm(x), cache, layer, start)
+        return self.ff_norm_out(self.ff(h)) * self.ff_scale
+
+    def forward(self, x, cache=None, layer=0, start=0, rope=None):
+        x = x + self.attn_branch(x, cache, layer, start, rope)
+        x = x + self.ff_branch(x, cache, layer, start, rope)
         return x
+
+
+# ---- reversible blocks -----------------------------------------------------------------------
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _rng_restored(state, device: torch.device):
+    """Run with the random state of ``state`` (dropout draws the masks of the forward)."""
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+class Reversible(torch.autograd.Function):
+    """Two-stream blocks without stored activations (DALLE-pytorch's ReversibleSequence).
+
+    Forward, per block: ``y1 = x1 + attn_branch(x2)``, ``y2 = x2 + ff_branch(y1)``, without
+    building a graph; only the last block's outputs are saved. Backward walks the blocks in
+    reverse, recomputing each branch on rebuilt inputs (``x2 = y2 - ff_branch(y1)``,
+    ``x1 = y1 - attn_branch(x2)``) under the forward's random and autocast state, and returns
+    the gradients of both streams and of the blocks' parameters (passed as inputs, so DDP and
+    gradient accumulation see ordinary gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, x1, x2, blocks, rope, *params):
+        device = x1.device
+        ctx.blocks, ctx.rope, ctx.params = blocks, rope, params
+        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type),
+                        torch.get_autocast_dtype(device.type))
+        ctx.rng = []
+        for block in blocks:
+            rng_f = _rng_state(device)
+            x1 = x1 + block.attn_branch(x2, rope=rope)
+            rng_g = _rng_state(device)
+            x2 = x2 + block.ff_branch(x1, rope=rope)
+            ctx.rng.append((rng_f, rng_g))
+        ctx.save_for_backward(x1, x2)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        y1, y2 = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        device = y1.device
+        grads = {id(p): None for p in ctx.params}
+        for block, (rng_f, rng_g) in zip(reversed(ctx.blocks), reversed(ctx.rng), strict=True):
+            params = [p for p in block.parameters() if id(p) in grads]
+            with torch.enable_grad(), torch.autocast(device_type, dtype, enabled):
+                y1 = y1.detach().requires_grad_()
+                with _rng_restored(rng_g, device):
+                    g = block.ff_branch(y1, rope=ctx.rope)
+                dy1_g, *dg = torch.autograd.grad(g, [y1, *params], dy2, allow_unused=True)
+            x2 = y2 - g.detach()
+            dy1 = dy1 + dy1_g  # y1 feeds y2 through ff_branch
+            with torch.enable_grad(), torch.autocast(device_type, dtype, enabled):
+                x2 = x2.detach().requires_grad_()
+                with _rng_restored(rng_f, device):
+                    f = block.attn_branch(x2, rope=ctx.rope)
+                dx2_f, *df = torch.autograd.grad(f, [x2, *params], dy1, allow_unused=True)
+            x1 = y1.detach() - f.detach()
+            dy2 = dy2 + dx2_f  # x2 feeds y1 through attn_branch
+            for p, a, b in zip(params, dg, df, strict=True):
+                for d in (a, b):
+                    if d is not None:
+                        grads[id(p)] = d if grads[id(p)] is None else grads[id(p)] + d
+            y1, y2 = x1, x2.detach()
+        return (dy1, dy2, None, None, *(grads[id(p)] for p in ctx.params))
 
 
 class DALLE(nn.Module):
@@ -186,13 +464,17 @@ class DALLE(nn.Module):
         super().__init__()
         self.config = cfg
         text_dim = cfg.text_dim or cfg.dim
+        # position tables, unless rotary embeddings replace them (as in DALLE-pytorch)
+        tables = not cfg.rotary_emb
         self.text_emb = nn.Embedding(cfg.text_emb_rows, text_dim)
-        self.text_pos_emb = nn.Embedding(cfg.text_seq_len + 1, text_dim)  # +1: <bos>
+        self.text_pos_emb = nn.Embedding(cfg.text_seq_len + 1, text_dim) if tables else None
         self.text_proj = nn.Linear(text_dim, cfg.dim) if text_dim != cfg.dim else nn.Identity()
         self.image_emb = nn.Embedding(cfg.num_image_tokens, cfg.dim)
         # axial position embedding: row + column tables, summed
-        self.image_pos_h = nn.Parameter(torch.randn(cfg.image_fmap_size, cfg.dim))
-        self.image_pos_w = nn.Parameter(torch.randn(cfg.image_fmap_size, cfg.dim))
+        fmap = cfg.image_fmap_size
+        self.image_pos_h = nn.Parameter(torch.randn(fmap, cfg.dim)) if tables else None
+        self.image_pos_w = nn.Parameter(torch.randn(fmap, cfg.dim)) if tables else None
+        self.rotary = NoRotary() if tables else Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
         self.to_logits = nn.Linear(cfg.dim, cfg.num_text_logits + cfg.num_image_tokens)
@@ -242,6 +524,8 @@ class DALLE(nn.Module):
             f"text has {text.shape[1]} tokens, the model takes {self.text_seq_len}"
         )
         text = F.pad(self.text_targets(text), (1, 0), value=self.config.bos_id)
+        if self.text_pos_emb is None:  # rotary
+            return self.text_proj(self.text_emb(text))
         pos = torch.arange(text.shape[1], device=text.device)
         return self.text_proj(self.text_emb(text) + self.text_pos_emb(pos))
 
@@ -251,6 +535,8 @@ class DALLE(nn.Module):
 
     def embed_image(self, codes: torch.Tensor, start: int = 0) -> torch.Tensor:
         """[B, n] codes at image positions start..start+n-1 -> [B, n, dim]."""
+        if self.image_pos_h is None:  # rotary
+            return self.image_emb(codes)
         pos = self.image_positions()[start : start + codes.shape[1]]
         return self.image_emb(codes) + pos
 
@@ -265,14 +551,36 @@ class DALLE(nn.Module):
         """Blocks + output norm: [B, n, dim] -> [B, n, dim] (before the logits layer)."""
         if self.config.stable:
             x = x * 0.1 + x.detach() * 0.9
-        for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, cache, i, start)
+        rope = self.rotary(start, x.shape[1])
+        if self.config.reversible:
+            x = self.reversible_blocks(x, cache, start, rope)
+        else:
+            x = self.sequential_blocks(x, cache, start, rope)
         if self.config.stable:
             x = x / x.amax(dim=-1, keepdim=True).detach()
         return self.norm_out(x)
+
+    def sequential_blocks(self, x, cache=None, start=0, rope=None) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, 0, rope,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, cache, i, start, rope)
+        return x
+
+    def reversible_blocks(self, x, cache=None, start=0, rope=None) -> torch.Tensor:
+        """The two streams' mean after the blocks (see :class:`Reversible`). Training (a
+        graph is being built) goes through :class:`Reversible`; inference is the same loop."""
+        if torch.is_grad_enabled() and cache is None:
+            params = [p for p in self.blocks.parameters() if p.requires_grad]
+            x1, x2 = Reversible.apply(x, x, self.blocks, rope, *params)
+        else:
+            x1 = x2 = x
+            for i, block in enumerate(self.blocks):
+                x1 = x1 + block.attn_branch(x2, cache, i, start, rope)
+                x2 = x2 + block.ff_branch(x1, cache, i, start, rope)
+        return (x1 + x2) / 2
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         n = self.config.num_text_logits
@@ -334,6 +642,7 @@ class DALLE(nn.Module):
         return KVCache(
             cfg.depth, batch, cfg.heads, self.total_seq_len, cfg.dim_head,
             device=device or p.device, dtype=dtype or p.dtype,
+            shift_dim=cfg.dim if cfg.shift_tokens else None,
         )
 
     @torch.no_grad()
@@ -364,7 +673,8 @@ def init_from_backbone(model: DALLE, embeddings, freeze: bool = False) -> None:
 
     ``embeddings`` is :class:`kodalle_cli.backbone.Embeddings`. The position rows used are
     ``position_offset .. position_offset + text_seq_len``; a backbone without a position table
-    (GPT-J style, rotary) gets a learned one, scaled like its token table.
+    (GPT-J style, rotary) gets a learned one, scaled like its token table. A model with
+    ``rotary_emb`` has no position table: only the token table is copied.
     """
     cfg = model.config
     if tuple(embeddings.token.shape) != tuple(model.text_emb.weight.shape):
@@ -374,12 +684,12 @@ def init_from_backbone(model: DALLE, embeddings, freeze: bool = False) -> None:
         )
     with torch.no_grad():
         model.text_emb.weight.copy_(embeddings.token.float())
-        rows = cfg.text_seq_len + 1
-        if embeddings.position is not None:
+        rows = cfg.text_seq_len + 1  # +1: <bos>
+        if model.text_pos_emb is None:  # rotary: no position table to fill
+            pass
+        elif embeddings.position is not None:
             start = embeddings.position_offset
             if embeddings.position.shape[0] < start + rows:
-                from kodalle_cli.errors import ConfigError
-
                 have = embeddings.position.shape[0] - start
                 raise ConfigError(
                     "text_seq_len", cfg.text_seq_len,
@@ -391,5 +701,5 @@ def init_from_backbone(model: DALLE, embeddings, freeze: bool = False) -> None:
             std = float(embeddings.token.float().std())
             model.text_pos_emb.weight.normal_(0.0, std if math.isfinite(std) else 0.02)
     model.text_emb.weight.requires_grad_(not freeze)
-    if embeddings.position is not None:
+    if embeddings.position is not None and model.text_pos_emb is not None:
         model.text_pos_emb.weight.requires_grad_(not freeze)
