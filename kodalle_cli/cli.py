@@ -18,7 +18,16 @@ from rich.console import Console
 from rich.table import Table
 
 from kodalle_cli import __version__
+from kodalle_cli.configs import (
+    DalleTrainConfig,
+    RerankerTrainConfig,
+    SampleConfig,
+    ScoreConfig,
+    TokenizeConfig,
+)
+from kodalle_cli.data.prepare import PrepareConfig
 from kodalle_cli.errors import ConfigError, KodalleError, UsageError
+from kodalle_cli.options import options_from
 from kodalle_cli.progress import quiet_libraries
 
 try:  # typer >= 0.20 ships its own copy of click
@@ -65,119 +74,54 @@ def _root(
 
 # ---- data ------------------------------------------------------------------------------------
 @app.command()
+@options_from(PrepareConfig)
 def prepare(
     source: Path = typer.Argument(..., help="Directory (or manifest file) of images and labels."),
-    out: Path = typer.Option(Path("shards"), "--out", "-o", help="Output directory for shards."),
-    format: str = typer.Option("auto", help="auto|kfashion|folder|jsonl|csv"),
-    caption_style: str = typer.Option("per-part", help="per-part|per-attribute|compact"),
-    include_style: bool = typer.Option(False, "--include-style", help="Add the style (스타일) sentence."),
-    caption_pick: str = typer.Option("all", help="folder format: first|all caption lines."),
-    crop: str = typer.Option("none", help="none|garments (crop to the labelled rectangles)."),
-    crop_margin: float = typer.Option(0.05, help="Margin around the garment crop."),
-    image_size: int = typer.Option(256, help="Output side in pixels."),
-    resize: str = typer.Option("pad", help="pad|center-crop|stretch"),
-    val_fraction: float = typer.Option(0.0, help="Share of samples for val shards."),
-    shard_size: int = typer.Option(10000, help="Samples per shard."),
-    workers: int = typer.Option(0, help="Worker processes (0: all cores)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad sample."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    **options,
 ) -> None:
     """Turn images and labels into WebDataset shards (jpg, txt caption, json metadata).
 
     Example: kodalle prepare ./kfashion --val-fraction 0.05 --crop garments
     """
-    from kodalle_cli.data.prepare import PrepareConfig, summary
     from kodalle_cli.data.prepare import prepare as run_prepare
+    from kodalle_cli.data.prepare import summary
 
-    cfg = PrepareConfig(
-        source=source, out=out, format=format, caption_style=caption_style,
-        include_style=include_style, caption_pick=caption_pick, crop=crop,
-        crop_margin=crop_margin, image_size=image_size, resize=resize,
-        val_fraction=val_fraction, shard_size=shard_size, workers=workers, strict=strict,
-        progress=progress,
-    )
+    cfg = PrepareConfig(source=source, **options)
     manifest = run_prepare(cfg)
-    console.print(summary(manifest, out), markup=False, highlight=False, soft_wrap=True)
+    console.print(summary(manifest, cfg.out), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
+@options_from(TokenizeConfig)
 def tokenize(
     shards: Path = typer.Argument(Path("shards"), help="Image shards from `kodalle prepare`."),
-    vqgan: str = typer.Option(..., help="VQGAN checkpoint path or preset name."),
-    vqgan_config: Path | None = typer.Option(None, help="taming .yaml for a .ckpt."),
-    backbone: str = typer.Option(..., help="Backbone name (see `kodalle backbones`)."),
-    backbone_path: Path | None = typer.Option(None, help="Local copy of the backbone."),
-    text_seq_len: int = typer.Option(128, help="Text tokens per caption (padded/truncated)."),
-    out: Path | None = typer.Option(None, help="Output directory (default SHARDS/tokens)."),
-    batch_size: int = typer.Option(32, help="Images per VQGAN batch."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
+    **options,
 ) -> None:
     """Encode captions with the backbone's tokenizer and images with a VQGAN into token shards.
 
     Example: kodalle tokenize shards --vqgan runs/vqgan --backbone klue-roberta-large
     """
-    from kodalle_cli.tokenize import TokenizeConfig
     from kodalle_cli.tokenize import tokenize as run_tokenize
 
-    summary = run_tokenize(TokenizeConfig(
-        shards=shards, vqgan=vqgan, vqgan_config=vqgan_config, backbone=backbone,
-        backbone_path=backbone_path, text_seq_len=text_seq_len, out=out,
-        batch_size=batch_size, device=device,
-    ))
+    cfg = TokenizeConfig(shards=shards, **options)
+    summary = run_tokenize(cfg)
     counts = ", ".join(f"{n} {split}" for split, n in summary.samples.items())
     console.print(
         f"tokenized {counts} samples into {summary.out} "
         f"({summary.shards_written} shards written, {summary.shards_skipped} already done, "
         f"{summary.images_per_second:.1f} images/s); "
-        f"{summary.truncated} captions truncated to {text_seq_len} tokens",
+        f"{summary.truncated} captions truncated to {cfg.text_seq_len} tokens",
         soft_wrap=True,
     )
 
 
 # ---- training --------------------------------------------------------------------------------
 @train_app.callback()
+@options_from(DalleTrainConfig, skip=("backbone",))
 def train(
     ctx: typer.Context,
     backbone: str | None = typer.Option(None, help="Backbone name, directory or hub id."),
-    backbone_path: Path | None = typer.Option(None, help="Local copy of the backbone."),
-    data: Path = typer.Option(Path("shards"), help="Token shards, or image shards + --vqgan."),
-    out: Path | None = typer.Option(None, help="Run directory (default runs/BACKBONE)."),
-    vqgan: str | None = typer.Option(None, help="VQGAN for image shards not tokenized yet."),
-    dim: int | None = typer.Option(None, help="Model dim (default: the backbone's)."),
-    depth: int = typer.Option(16),
-    heads: int = typer.Option(8),
-    dim_head: int = typer.Option(64),
-    text_seq_len: int | None = typer.Option(
-        None, help="Caption tokens (default: the token shards', KoDALLE's 128)."
-    ),
-    freeze_text_emb: bool = typer.Option(False, "--freeze-text-emb", help="Keep the backbone tables fixed."),
-    loss_img_weight: float = typer.Option(7.0),
-    text_loss_on_padding: bool = typer.Option(False, "--text-loss-on-padding", help="Count padding in the text loss."),
-    cond_drop: float = typer.Option(0.0, help="Share of captions dropped (for guidance)."),
-    lr: float = typer.Option(3e-5),
-    weight_decay: float = typer.Option(3e-3),
-    schedule: str = typer.Option("cosine", help="cosine|constant (after warm-up)."),
-    warmup_steps: int = typer.Option(100),
-    batch_size: int = typer.Option(40),
-    grad_accum: int = typer.Option(1),
-    grad_clip: float = typer.Option(0.5),
-    precision: str = typer.Option("auto", help="auto|bf16|fp16|fp32"),
-    grad_checkpointing: bool = typer.Option(
-        False, "--grad-checkpointing", help="Recompute activations in backward (less memory)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    max_steps: int | None = typer.Option(None),
-    epochs: int | None = typer.Option(None),
-    seed: int = typer.Option(0),
-    save_every: int = typer.Option(1000),
-    keep_last: int = typer.Option(3),
-    eval_every: int = typer.Option(500),
-    sample_every: int = typer.Option(1000),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    max_bad_steps: int = typer.Option(10, help="Stop after this many non-finite losses in a row."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
-    workers: int = typer.Option(2, help="Data-loader worker processes per rank."),
-    log_every: int = typer.Option(10, help="Steps between metrics.csv rows."),
-    progress: bool = typer.Option(True, help="Show the progress bar."),
+    **options,
 ) -> None:
     """Train the DALLE transformer on token shards (resumes when --out has a checkpoint).
 
@@ -189,11 +133,9 @@ def train(
         return
     if backbone is None:
         raise UsageError("kodalle train needs --backbone NAME (see `kodalle backbones`)")
-    options = {k: v for k, v in locals().items() if k != "ctx"}
-    options["backbone_path"] = str(backbone_path) if backbone_path else None
-    from kodalle_cli.train.dalle import DalleTrainConfig, run_train
+    from kodalle_cli.train.dalle import run_train
 
-    result = run_train(DalleTrainConfig(**options))
+    result = run_train(DalleTrainConfig(backbone=backbone, **options))
     if result.checkpoint is not None:
         console.print(f"step {result.step}: checkpoint {result.checkpoint}")
 
@@ -263,90 +205,37 @@ def train_vqgan(
 
 
 @train_app.command("reranker")
-def train_reranker(
-    backbone: str = typer.Option(..., help="Backbone for the text tower (its full model)."),
-    backbone_path: Path | None = typer.Option(None, help="Local copy of the backbone."),
-    data: Path = typer.Option(Path("shards"), help="Image shards from `kodalle prepare`."),
-    out: Path = typer.Option(Path("runs/reranker"), help="Run and reranker directory."),
-    image_size: int = typer.Option(224, help="Image side for the EfficientNet-B0 tower."),
-    image_weights: Path | None = typer.Option(
-        None, help="EfficientNet-B0 weights file (default: timm's cache, else random)."),
-    embed_dim: int = typer.Option(256, help="Shared embedding size."),
-    text_seq_len: int = typer.Option(64, help="Caption tokens (truncated beyond)."),
-    max_steps: int = typer.Option(1000),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(1e-4),
-    weight_decay: float = typer.Option(0.01),
-    warmup_steps: int = typer.Option(100),
-    eval_every: int = typer.Option(200, help="Validation retrieval accuracy every N steps."),
-    eval_samples: int = typer.Option(256, help="Validation pairs for retrieval accuracy."),
-    save_every: int = typer.Option(500),
-    keep_last: int = typer.Option(2),
-    precision: str = typer.Option("auto", help="auto|bf16|fp16|fp32"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
-) -> None:
+@options_from(RerankerTrainConfig)
+def train_reranker(**options) -> None:
     """Train the CLIP-style reranker (EfficientNet-B0 + the backbone's language model).
 
     Example: kodalle train reranker --backbone klue-roberta-large --data shards
     """
-    from kodalle_cli.rerank import train as reranker_training
+    from kodalle_cli.rerank.train import train_reranker as run_train_reranker
 
-    result = reranker_training.train_reranker(reranker_training.RerankerTrainConfig(
-        backbone=backbone, backbone_path=str(backbone_path) if backbone_path else None,
-        data=str(data), out=str(out), image_size=image_size,
-        image_weights=str(image_weights) if image_weights else None, embed_dim=embed_dim,
-        text_seq_len=text_seq_len, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, warmup_steps=warmup_steps, eval_every=eval_every,
-        eval_samples=eval_samples, save_every=save_every, keep_last=keep_last,
-        precision=precision, resume=resume, seed=seed, device=device,
-    ))
+    cfg = RerankerTrainConfig(**options)
+    result = run_train_reranker(cfg)
     accuracy = result.get("val_image_to_text")
     shown = f", val image->text accuracy {accuracy:.3f}" if accuracy is not None else ""
-    console.print(f"reranker written to {out} (step {result['step']}{shown})")
+    console.print(f"reranker written to {cfg.out} (step {result['step']}{shown})")
 
 
 # ---- generation and evaluation ---------------------------------------------------------------
 @app.command()
+@options_from(SampleConfig)
 def sample(
     captions: list[str] = typer.Argument(None, help="One or more captions."),
-    n: int = typer.Option(16, "-n", "--num-images", min=1, help="Images per caption."),
-    checkpoint: Path | None = typer.Option(
-        None, help="Run dir, checkpoint dir, or KoDALLE / dalle-pytorch .pt "
-        "(default: the latest checkpoint of the newest run under runs/)."),
-    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory."),
-    batch_size: int = typer.Option(16, min=1, help="Images per forward (results do not "
-                                   "depend on it)."),
-    top_k: float = typer.Option(0.9, help="Count (>= 1: keep K tokens) or fraction in [0, 1) "
-                                "like dalle-pytorch's filter_thres (0.9 keeps the top 10%)."),
-    top_p: float | None = typer.Option(None, help="Nucleus sampling: keep the top tokens "
-                                       "whose probability reaches P."),
-    temperature: float = typer.Option(1.0, help="Softmax temperature (0: greedy)."),
-    cond_scale: float = typer.Option(1.0, help="Classifier-free guidance scale (1: off)."),
-    seed: int | None = typer.Option(None, help="Make the call reproducible."),
     captions_file: Path | None = typer.Option(None, help="One caption per line."),
-    rerank: Path | None = typer.Option(None, help="Reranker run directory."),
-    keep: int | None = typer.Option(None, min=1, help="With --rerank: keep the best K."),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPUs that have it)|bf16|fp32"),
-    backbone: str | None = typer.Option(None, help="For a bare .pt: the backbone whose "
-                                        "tokenizer it was trained with."),
-    vqgan: str | None = typer.Option(None, help="For a bare .pt: the VQGAN (path or preset)."),
+    **options,
 ) -> None:
     """Generate images for captions: OUT/<caption-slug>/0000.png ..., grid.png, metadata.json.
 
     Example: kodalle sample "하의에서 색상은 블루이다. 카테고리는 스커트이다." -n 16 --seed 0
     """
-    from kodalle_cli.generate import SampleConfig, read_captions
+    from kodalle_cli.generate import read_captions
     from kodalle_cli.generate import sample as run_sample
 
-    config = SampleConfig(
-        captions=read_captions(captions, captions_file), n=n, checkpoint=checkpoint, out=out,
-        batch_size=batch_size, top_k=top_k, top_p=top_p, temperature=temperature,
-        cond_scale=cond_scale, seed=seed, rerank=rerank, keep=keep, device=device,
-        precision=precision, backbone=backbone, vqgan=vqgan,
-    )
+    config = SampleConfig(captions=read_captions(captions, captions_file), **options)
     for result in run_sample(config):
         console.print(f"{result.directory}  {len(result.images)} images  "
                       f"{result.caption[:60]}", markup=False, highlight=False)
@@ -378,35 +267,18 @@ def rerank(
 
 
 @app.command()
+@options_from(ScoreConfig)
 def score(
-    checkpoint: Path | None = typer.Option(None, help="Run to generate images with."),
-    data: Path = typer.Option(Path("shards"), help="Shards with the validation split."),
-    images: Path | None = typer.Option(None, help="Score these images instead of generating."),
-    num_samples: int = typer.Option(1000, help="Validation captions (and images) to use."),
-    inception_weights: Path | None = typer.Option(
-        None, help="torch-fidelity Inception weights (else its cache, else download)."),
-    reranker: Path | None = typer.Option(None, help="Reranker for CLIP-score, R-precision."),
-    out: Path | None = typer.Option(None, help="Where score.json goes (default RUN/score)."),
-    image_size: int | None = typer.Option(None, help="Side both sets are scored at."),
-    batch_size: int = typer.Option(16),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    **options,
 ) -> None:
     """FID, KID, IS, CLIP-score and R-precision of generated images.
 
     Example: kodalle score --checkpoint runs/klue-roberta-large --reranker runs/reranker
     """
-    from kodalle_cli.score import ScoreConfig, run_score, score_table
+    from kodalle_cli.score import run_score, score_table
 
-    result = run_score(ScoreConfig(
-        checkpoint=str(checkpoint) if checkpoint else None, data=str(data),
-        images=str(images) if images else None, num_samples=num_samples,
-        inception_weights=str(inception_weights) if inception_weights else None,
-        reranker=str(reranker) if reranker else None, out=str(out) if out else None,
-        image_size=image_size, batch_size=batch_size, seed=seed, device=device,
-        progress=not as_json,
-    ))
+    result = run_score(ScoreConfig(progress=not as_json, **options))
     if as_json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return

@@ -21,12 +21,12 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from kodalle_cli.configs import SampleConfig
 from kodalle_cli.device import pick_device, pick_dtype
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model.sampling import (
@@ -49,48 +49,6 @@ from kodalle_cli.runs import LoadedRun, load_run
 WarnFn = Callable[[str], None]
 
 
-@dataclass
-class SampleConfig:
-    """Everything ``kodalle sample`` takes. ``out=None``: return images without writing."""
-
-    captions: list[str]
-    n: int = 16
-    checkpoint: Path | None = None
-    out: Path | None = Path("samples")
-    batch_size: int = 16
-    top_k: float | None = 0.9
-    top_p: float | None = None
-    temperature: float = 1.0
-    cond_scale: float = 1.0
-    seed: int | None = None
-    rerank: Path | None = None
-    keep: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    runs_dir: Path = Path("runs")
-    backbone: str | None = None  # for a bare .pt: whose tokenizer
-    vqgan: str | None = None  # for a bare .pt: which VQGAN (or to replace the run's)
-    progress: bool = True
-
-    def settings(self) -> SamplingSettings:
-        return SamplingSettings(
-            top_k=self.top_k, top_p=self.top_p, temperature=self.temperature,
-            cond_scale=self.cond_scale,
-        ).validate()
-
-    def validate(self) -> SamplingSettings:
-        """Every check of the options (usage errors before anything is loaded); returns the
-        sampling settings."""
-        settings = self.settings()
-        if not self.captions:
-            raise UsageError("give at least one caption")
-        if self.n < 1 or self.batch_size < 1:
-            raise UsageError("-n and --batch-size must be at least 1")
-        if self.keep is not None and self.rerank is None:
-            raise UsageError("--keep needs --rerank RERANKER")
-        if self.keep is not None and not 1 <= self.keep <= self.n:
-            raise UsageError(f"--keep {self.keep}: must be between 1 and -n {self.n}")
-        return settings
 
 
 def read_captions(captions: Sequence[str] | None, captions_file: Path | None) -> list[str]:

@@ -33,9 +33,12 @@ import typer
 
 
 def opt(default=dataclasses.MISSING, help: str = "", *names: str, factory=None, **click):
-    """A dataclass field that is also a CLI option. ``names``: flags other than the field's
-    own (``"-n"``); ``click``: extra settings such as ``min=1`` or ``hidden=True``."""
+    """A dataclass field that is also a CLI option (fields made without it are not options).
+    ``default=...``: required. ``names``: flags other than the field's own (``"-n"``);
+    ``click``: extra settings such as ``min=1`` or ``hidden=True``."""
     meta = {"help": help, "names": names, "click": click}
+    if default is ...:  # required: no default in Python either
+        default = dataclasses.MISSING
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -77,7 +80,8 @@ def options_from(config: type, *, skip: tuple[str, ...] = ()) -> Callable:
         added = [
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                               default=_option(f, hints[f.name]), annotation=hints[f.name])
-            for f in dataclasses.fields(config) if f.init and f.name not in taken
+            for f in dataclasses.fields(config)
+            if "help" in f.metadata and f.name not in taken
         ]
 
         @functools.wraps(fn)

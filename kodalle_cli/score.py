@@ -25,11 +25,12 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from kodalle_cli.configs import ScoreConfig
 from kodalle_cli.errors import KodalleError, UsageError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -37,23 +38,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZER = "PIL Lanczos via kodalle_cli.data.images.fit (pad)"
 
 
-@dataclass
-class ScoreConfig:
-    checkpoint: str | None = None  # run to generate images with
-    data: str = "shards"  # shards with the validation split
-    images: str | None = None  # score these images instead of generating
-    num_samples: int = 1000
-    inception_weights: str | None = None
-    reranker: str | None = None
-    out: str | None = None  # default: RUN/score, or IMAGES-score
-    split: str = "val"
-    image_size: int | None = None  # default: the generated images' size
-    distractors: int = 99  # R-precision: captions ranked against the true one
-    batch_size: int = 16
-    seed: int = 0
-    device: str = "auto"
-    fidelity: bool = True  # False: CLIP-score and R-precision only (no Inception weights)
-    progress: bool = True  # generation progress bar (on stdout: off for --json)
 
 
 # ---- inputs ------------------------------------------------------------------------------------

@@ -23,25 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kodalle_cli.configs import TokenizeConfig
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.data.shards import remove_stale_temporaries, stats_path
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.text import CaptionEncoder
-
-
-@dataclass
-class TokenizeConfig:
-    shards: Path | str = Path("shards")
-    vqgan: str = ""
-    backbone: str = ""
-    vqgan_config: Path | str | None = None
-    backbone_path: Path | str | None = None
-    text_seq_len: int = 128
-    out: Path | str | None = None  # default SHARDS/tokens
-    batch_size: int = 32
-    device: str = "auto"
-    splits: tuple[str, ...] = ("train", "val")
-    progress: bool = True
 
 
 @dataclass

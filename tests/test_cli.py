@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,56 @@ def test_every_option_name_is_whole_in_80_column_help():
                     assert opt in text.replace("\n", " "), f"{name}: {opt} cut in --help"
         for sub in getattr(command, "commands", {}):
             assert sub in text, f"{name}: subcommand {sub} cut"
+
+
+def test_options_come_from_the_config_dataclasses_with_their_defaults():
+    """A default is written once, on the config: the CLI shows the same value and the same
+    help, and every CLI-facing field is an option."""
+    import dataclasses
+
+    import typer
+
+    from kodalle_cli import configs
+    from kodalle_cli.cli import app
+    from kodalle_cli.data.prepare import PrepareConfig
+
+    root = typer.main.get_command(app)
+    commands = {
+        "prepare": (root.commands["prepare"], PrepareConfig),
+        "tokenize": (root.commands["tokenize"], configs.TokenizeConfig),
+        "train": (root.commands["train"], configs.DalleTrainConfig),
+        "train reranker": (root.commands["train"].commands["reranker"],
+                           configs.RerankerTrainConfig),
+        "sample": (root.commands["sample"], configs.SampleConfig),
+        "score": (root.commands["score"], configs.ScoreConfig),
+    }
+    for name, (command, config) in commands.items():
+        params = {p.name: p for p in command.params}
+        for field in dataclasses.fields(config):
+            if "help" not in field.metadata:
+                continue
+            param = params[field.name]
+            assert param.help == field.metadata["help"], (name, field.name)
+            if field.default is dataclasses.MISSING:
+                assert param.required, (name, field.name)
+            else:
+                default = field.default
+                assert param.default == (str(default) if isinstance(default, Path)
+                                         and not isinstance(param.default, Path) else default), (
+                    name, field.name, param.default, default)
+
+
+def test_an_option_reaches_the_library_config(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr("kodalle_cli.train.dalle.run_train", fake_train)
+    run(["train", "--backbone", "b", "--lr", "0.5", "--freeze-text-emb", "--no-progress",
+         "--max-steps", "7"], capsys)
+    cfg = seen["cfg"]
+    assert (cfg.backbone, cfg.lr, cfg.freeze_text_emb, cfg.progress, cfg.max_steps) == (
+        "b", 0.5, True, False, 7)
+    assert cfg.depth == 16 and cfg.weight_decay == 3e-3  # untouched: the dataclass defaults

@@ -36,6 +36,7 @@ from kodalle_cli.data.shards import (
 )
 from kodalle_cli.data.sources import FORMATS, Candidate, Skip, scan
 from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.options import opt
 
 CROP_MODES = ("none", "garments")
 PARALLEL_SCAN_MIN = 2000  # labels read by the worker processes from this many on
@@ -47,20 +48,20 @@ _CONTENT_OPTIONS = ("caption_style", "include_style", "caption_pick", "crop", "c
 @dataclass
 class PrepareConfig:
     source: Path
-    out: Path = Path("shards")
-    format: str = "auto"
-    caption_style: str = "per-part"
-    include_style: bool = False
-    caption_pick: str = "all"
-    crop: str = "none"
-    crop_margin: float = 0.05
-    image_size: int = 256
-    resize: str = "pad"
-    val_fraction: float = 0.0
-    shard_size: int = 10000
-    workers: int = 0  # 0: all cores
-    strict: bool = False
-    progress: bool = True
+    out: Path = opt(Path("shards"), "Output directory for shards.", "-o")
+    format: str = opt("auto", "auto|kfashion|folder|jsonl|csv")
+    caption_style: str = opt("per-part", "per-part|per-attribute|compact")
+    include_style: bool = opt(False, "Add the style (스타일) sentence.")
+    caption_pick: str = opt("all", "folder format: first|all caption lines.")
+    crop: str = opt("none", "none|garments (crop to the labelled rectangles).")
+    crop_margin: float = opt(0.05, "Margin around the garment crop.")
+    image_size: int = opt(256, "Output side in pixels.")
+    resize: str = opt("pad", "pad|center-crop|stretch")
+    val_fraction: float = opt(0.0, "Share of samples for val shards.")
+    shard_size: int = opt(10000, "Samples per shard.")
+    workers: int = opt(0, "Worker processes (0: all cores).")
+    strict: bool = opt(False, "Stop at the first bad sample.")
+    progress: bool = opt(True, "Show a progress bar.")
     max_pixels: int = MAX_PIXELS
 
     def validate(self) -> None:

@@ -9,40 +9,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from kodalle_cli.configs import RerankerTrainConfig
 from kodalle_cli.rerank.model import Reranker, preprocess_images
 from kodalle_cli.train.trainer import Task
-
-
-@dataclass
-class RerankerTrainConfig:
-    backbone: str
-    backbone_path: str | None = None
-    data: str = "shards"
-    out: str = "runs/reranker"
-    image_size: int = 224
-    embed_dim: int = 256
-    text_seq_len: int = 64
-    image_weights: str | None = None  # EfficientNet-B0 weights file (else cache, else random)
-    max_steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    shuffle_buffer: int = 1000
-    eval_every: int = 200
-    eval_samples: int = 256
-    save_every: int = 500
-    keep_last: int = 2
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    resume: bool = False
 
 
 # ---- data -------------------------------------------------------------------------------------

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kodalle_cli import runs
+from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
@@ -25,47 +25,6 @@ from kodalle_cli.train.trainer import Task, TrainerConfig, TrainResult, train
 MODEL_OPTIONS = ("dim", "depth", "heads", "dim_head", "text_seq_len")
 
 
-@dataclass
-class DalleTrainConfig:
-    backbone: str
-    backbone_path: str | None = None
-    data: Path = Path("shards")
-    out: Path | None = None
-    vqgan: str | None = None
-    dim: int | None = None
-    depth: int = 16
-    heads: int = 8
-    dim_head: int = 64
-    text_seq_len: int | None = None  # default: the token shards' (KoDALLE: 128)
-    freeze_text_emb: bool = False
-    loss_img_weight: float = 7.0
-    text_loss_on_padding: bool = False
-    cond_drop: float = 0.0
-    lr: float = 3e-5
-    weight_decay: float = 3e-3
-    schedule: str = "cosine"
-    warmup_steps: int = 100
-    batch_size: int = 40
-    grad_accum: int = 1
-    grad_clip: float = 0.5
-    precision: str = "auto"
-    grad_checkpointing: bool = False
-    compile: bool = False
-    max_steps: int | None = None
-    epochs: float | None = None
-    seed: int = 0
-    save_every: int = 1000
-    keep_last: int = 3
-    eval_every: int = 500
-    eval_batches: int = 50
-    sample_every: int = 1000
-    sample_captions: int = 4
-    log_every: int = 10
-    resume: bool = False
-    max_bad_steps: int = 10
-    device: str = "auto"
-    workers: int = 2
-    progress: bool = True
 
 
 def default_out(backbone: str) -> Path:
@@ -238,6 +197,8 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
             pad_id=manifest.get("pad_id", emb.pad_id),
             bos_id=emb.bos_id if emb.bos_id is not None else 0,
             loss_img_weight=cfg.loss_img_weight, text_loss_on_padding=cfg.text_loss_on_padding,
+            reversible=cfg.reversible, rotary_emb=cfg.rotary, shift_tokens=cfg.shift_tokens,
+            attn_types=cfg.attn_types,
         )
         if mcfg.text_dim == mcfg.dim:
             mcfg.text_dim = None
