@@ -20,12 +20,12 @@ from rich.table import Table
 from kodalle_cli import __version__
 from kodalle_cli.configs import (
     DalleTrainConfig,
+    PrepareConfig,
     RerankerTrainConfig,
     SampleConfig,
     ScoreConfig,
     TokenizeConfig,
 )
-from kodalle_cli.data.prepare import PrepareConfig
 from kodalle_cli.errors import ConfigError, KodalleError, UsageError
 from kodalle_cli.options import options_from
 from kodalle_cli.progress import quiet_libraries

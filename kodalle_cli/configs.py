@@ -6,19 +6,88 @@ as ``lr=3e-5`` is written once, here. The module imports nothing heavy (no torch
 reads it on every start-up, ``kodalle --help`` included. Checks that need the library run in
 the library (``SampleConfig.validate`` imports the sampling settings when called).
 
-``kodalle prepare``'s config lives with prepare (:mod:`kodalle_cli.data.prepare`, itself
-light); ``kodalle train vqgan`` starts from a recipe (:mod:`kodalle_cli.vqgan.train`).
+``kodalle train vqgan`` starts from a recipe instead (:mod:`kodalle_cli.vqgan.train`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kodalle_cli.errors import UsageError
+from kodalle_cli.errors import ConfigError, UsageError
 from kodalle_cli.options import opt
 
 DEVICE_HELP = "auto|cpu|cuda"
+
+
+# options that change what a shard holds (a resumed run must match them)
+_CONTENT_OPTIONS = ("caption_style", "include_style", "caption_pick", "crop", "crop_margin",
+                    "image_size", "resize", "val_fraction", "shard_size", "max_pixels")
+
+
+@dataclass
+class PrepareConfig:
+    """``kodalle prepare``."""
+
+    source: Path
+    out: Path = opt(Path("shards"), "Output directory for shards.", "-o")
+    format: str = opt("auto", "auto|kfashion|folder|jsonl|csv")
+    caption_style: str = opt("per-part", "per-part|per-attribute|compact")
+    include_style: bool = opt(False, "Add the style (스타일) sentence.")
+    caption_pick: str = opt("all", "folder format: first|all caption lines.")
+    crop: str = opt("none", "none|garments (crop to the labelled rectangles).")
+    crop_margin: float = opt(0.05, "Margin around the garment crop.")
+    image_size: int = opt(256, "Output side in pixels.")
+    resize: str = opt("pad", "pad|center-crop|stretch")
+    val_fraction: float = opt(0.0, "Share of samples for val shards.")
+    shard_size: int = opt(10000, "Samples per shard.")
+    workers: int = opt(0, "Worker processes (0: all cores).")
+    strict: bool = opt(False, "Stop at the first bad sample.")
+    progress: bool = opt(True, "Show a progress bar.")
+    max_pixels: int | None = None  # None: PIL's limit (data.images.MAX_PIXELS)
+
+    def __post_init__(self):
+        if self.max_pixels is None:
+            from kodalle_cli.data.images import MAX_PIXELS
+
+            self.max_pixels = MAX_PIXELS
+
+    def validate(self) -> None:
+        from kodalle_cli.data.captions import CAPTION_STYLES
+        from kodalle_cli.data.images import RESIZE_MODES
+        from kodalle_cli.data.prepare import CROP_MODES
+        from kodalle_cli.data.sources import FORMATS
+
+        def choice(name, value, allowed):
+            if value not in allowed:
+                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+        choice("format", self.format, FORMATS)
+        choice("caption-style", self.caption_style, CAPTION_STYLES)
+        choice("caption-pick", self.caption_pick, ("first", "all"))
+        choice("crop", self.crop, CROP_MODES)
+        choice("resize", self.resize, RESIZE_MODES)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError("--val-fraction must be in [0, 1)")
+        if not 0.0 <= self.crop_margin <= 1.0:
+            raise UsageError("--crop-margin must be in [0, 1]")
+        if self.image_size < 8:
+            raise UsageError("--image-size must be at least 8")
+        if self.shard_size < 1:
+            raise UsageError("--shard-size must be at least 1")
+        if self.workers < 0:
+            raise UsageError("--workers must be 0 (all cores) or more")
+
+    def options(self) -> dict:
+        d = asdict(self)
+        d.pop("progress")
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+    def fingerprint(self) -> str:
+        content = {k: getattr(self, k) for k in _CONTENT_OPTIONS}
+        return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -160,12 +229,24 @@ class SampleConfig:
 
     def validate(self):
         """Every check of the options (usage errors before anything is loaded); returns the
-        sampling settings."""
+        sampling settings. Any integer is a seed, negative ones included: ``--seed -1``
+        gives the same images every time (other ones than ``--seed 1``)."""
         settings = self.settings()
         if not self.captions:
             raise UsageError("give at least one caption")
-        if self.n < 1 or self.batch_size < 1:
-            raise UsageError("-n and --batch-size must be at least 1")
+        for i, caption in enumerate(self.captions, 1):
+            which = f"caption {i}" if len(self.captions) > 1 else "the caption"
+            if not isinstance(caption, str) or not caption.strip():
+                raise UsageError(f"{which} is empty: give the text to draw")
+            try:
+                caption.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{which} holds bytes that are not text (not UTF-8): "
+                                 "give it as UTF-8") from None
+        if self.n < 1:
+            raise UsageError(f"-n {self.n}: give at least 1 image per caption")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", self.batch_size, "must be at least 1")
         if self.keep is not None and self.rerank is None:
             raise UsageError("--keep needs --rerank RERANKER")
         if self.keep is not None and not 1 <= self.keep <= self.n:
@@ -194,3 +275,22 @@ class ScoreConfig:
     device: str = opt("auto", DEVICE_HELP)
     fidelity: bool = opt(True, "FID, KID and IS (needs Inception weights).")
     progress: bool = True  # generation progress bar (on stdout: off for --json)
+
+    def validate(self) -> None:
+        """Every check of the options, before anything is read or loaded."""
+        from kodalle_cli.score import MIN_FID_IMAGES
+
+        if (self.checkpoint is None) == (self.images is None):
+            raise UsageError("kodalle score needs exactly one of --checkpoint RUN or "
+                             "--images DIR")
+        least = MIN_FID_IMAGES if self.fidelity else 1
+        if self.num_samples < least:
+            raise ConfigError("num_samples", self.num_samples,
+                              f"FID needs at least {MIN_FID_IMAGES} images in each set (a "
+                              f"covariance); give {MIN_FID_IMAGES} or more (the usual is 1000 or more)"
+                              if self.fidelity else "must be at least 1")
+        for name in ("batch_size", "distractors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be at least 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError("image_size", self.image_size, "must be at least 8 pixels")

@@ -116,11 +116,10 @@ def test_options_come_from_the_config_dataclasses_with_their_defaults():
 
     from kodalle_cli import configs
     from kodalle_cli.cli import app
-    from kodalle_cli.data.prepare import PrepareConfig
 
     root = typer.main.get_command(app)
     commands = {
-        "prepare": (root.commands["prepare"], PrepareConfig),
+        "prepare": (root.commands["prepare"], configs.PrepareConfig),
         "tokenize": (root.commands["tokenize"], configs.TokenizeConfig),
         "train": (root.commands["train"], configs.DalleTrainConfig),
         "train reranker": (root.commands["train"].commands["reranker"],
@@ -158,3 +157,12 @@ def test_an_option_reaches_the_library_config(monkeypatch, tmp_path, capsys):
     assert (cfg.backbone, cfg.lr, cfg.freeze_text_emb, cfg.progress, cfg.max_steps) == (
         "b", 0.5, True, False, 7)
     assert cfg.depth == 16 and cfg.weight_decay == 3e-3  # untouched: the dataclass defaults
+
+
+def test_the_cli_starts_without_importing_torch_or_numpy():
+    """`kodalle --help` and every command's option parsing stay fast: the heavy libraries
+    load only inside the command that needs them."""
+    code = "import sys, kodalle_cli.cli; print(sorted({'torch', 'numpy', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

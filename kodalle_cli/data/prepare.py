@@ -20,11 +20,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from kodalle_cli.data.captions import CAPTION_STYLES, caption_from_label
-from kodalle_cli.data.images import MAX_PIXELS, RESIZE_MODES, ImageError, encode_jpeg, preprocess
+from kodalle_cli.configs import PrepareConfig
+from kodalle_cli.data.captions import caption_from_label
+from kodalle_cli.data.images import ImageError, encode_jpeg, preprocess
 from kodalle_cli.data.kfashion import LabelError, label_boxes, labeling, read_label
 from kodalle_cli.data.shards import (
     ShardWriter,
@@ -34,67 +35,11 @@ from kodalle_cli.data.shards import (
     stats_path,
     write_json_atomic,
 )
-from kodalle_cli.data.sources import FORMATS, Candidate, Skip, scan
+from kodalle_cli.data.sources import Candidate, Skip, scan
 from kodalle_cli.errors import KodalleError, UsageError
-from kodalle_cli.options import opt
 
 CROP_MODES = ("none", "garments")
 PARALLEL_SCAN_MIN = 2000  # labels read by the worker processes from this many on
-# options that change what a shard holds (a resumed run must match them)
-_CONTENT_OPTIONS = ("caption_style", "include_style", "caption_pick", "crop", "crop_margin",
-                    "image_size", "resize", "val_fraction", "shard_size", "max_pixels")
-
-
-@dataclass
-class PrepareConfig:
-    source: Path
-    out: Path = opt(Path("shards"), "Output directory for shards.", "-o")
-    format: str = opt("auto", "auto|kfashion|folder|jsonl|csv")
-    caption_style: str = opt("per-part", "per-part|per-attribute|compact")
-    include_style: bool = opt(False, "Add the style (스타일) sentence.")
-    caption_pick: str = opt("all", "folder format: first|all caption lines.")
-    crop: str = opt("none", "none|garments (crop to the labelled rectangles).")
-    crop_margin: float = opt(0.05, "Margin around the garment crop.")
-    image_size: int = opt(256, "Output side in pixels.")
-    resize: str = opt("pad", "pad|center-crop|stretch")
-    val_fraction: float = opt(0.0, "Share of samples for val shards.")
-    shard_size: int = opt(10000, "Samples per shard.")
-    workers: int = opt(0, "Worker processes (0: all cores).")
-    strict: bool = opt(False, "Stop at the first bad sample.")
-    progress: bool = opt(True, "Show a progress bar.")
-    max_pixels: int = MAX_PIXELS
-
-    def validate(self) -> None:
-        def choice(name, value, allowed):
-            if value not in allowed:
-                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
-
-        choice("format", self.format, FORMATS)
-        choice("caption-style", self.caption_style, CAPTION_STYLES)
-        choice("caption-pick", self.caption_pick, ("first", "all"))
-        choice("crop", self.crop, CROP_MODES)
-        choice("resize", self.resize, RESIZE_MODES)
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UsageError("--val-fraction must be in [0, 1)")
-        if not 0.0 <= self.crop_margin <= 1.0:
-            raise UsageError("--crop-margin must be in [0, 1]")
-        if self.image_size < 8:
-            raise UsageError("--image-size must be at least 8")
-        if self.shard_size < 1:
-            raise UsageError("--shard-size must be at least 1")
-        if self.workers < 0:
-            raise UsageError("--workers must be 0 (all cores) or more")
-
-    def options(self) -> dict:
-        d = asdict(self)
-        d.pop("progress")
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-    def fingerprint(self) -> str:
-        content = {k: getattr(self, k) for k in _CONTENT_OPTIONS}
-        return hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class SampleError(Exception):
     """One sample cannot be used; ``reason`` goes to the manifest."""
 
