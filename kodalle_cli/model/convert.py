@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import cycle, islice
 from pathlib import Path
 
 import torch
@@ -111,9 +112,9 @@ def _refuse_unrepresentable(hparams: dict, depth: int) -> None:
     if hparams.get("share_input_output_emb"):
         raise KodalleError("checkpoint hparam share_input_output_emb=True: shared input and "
                            "output embeddings are not supported")
-    for name in ("shared_attn_ids", "shared_ff_ids"):
+    for name in ("shared_attn_ids", "shared_ff_ids"):  # cycled over the layers
         ids = hparams.get(name)
-        if ids is not None and list(ids)[:depth] != list(range(depth)):
+        if ids is not None and len({str(i) for i in islice(cycle(ids), depth)}) < depth:
             raise KodalleError(f"checkpoint hparam {name}={tuple(ids)}: layers sharing weights "
                                "are not supported")
 
