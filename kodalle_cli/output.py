@@ -9,7 +9,7 @@
 
 Each folder is written under a temporary name and renamed when complete, so an interrupted
 call leaves nothing half-written. Also here: slugs (folder names from captions), tensors to
-PIL images, and :func:`jsonable`, which makes run information JSON-safe.
+PIL images, and each caption's metadata.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kodalle_cli.atomic import jsonable
 from kodalle_cli.text import normalize
 
 SLUG_MAX_CHARS = 60
+SLUG_MAX_BYTES = 200  # file systems allow 255 bytes a name; room for "-N" and temp names
+# names Windows reserves whatever their extension (a folder copied there must still open)
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+             *(f"lpt{i}" for i in range(10))}
 
 
 @dataclass
@@ -48,12 +53,22 @@ class CaptionResult:
 def slugify(caption: str, max_chars: int = SLUG_MAX_CHARS) -> str:
     """A directory name for a caption: letters (Hangul included) and digits, ``-`` between.
 
+    Anything else (spaces, punctuation, path separators, control characters, emoji,
+    combining marks, bidi controls) becomes ``-``; the name is at most ``max_chars``
+    characters and :data:`SLUG_MAX_BYTES` UTF-8 bytes, whatever the caption's length, and
+    never a name Windows reserves. Nothing left: ``caption``. The caption itself is kept
+    whole in ``metadata.json``.
+
     >>> slugify("하의에서 색상은 블루이다. 카테고리는 스커트이다.")
     '하의에서-색상은-블루이다-카테고리는-스커트이다'
     """
     text = normalize(caption).lower()  # a folder name is NFC whatever it was given
     slug = re.sub(r"[^\w]+|_+", "-", text, flags=re.UNICODE).strip("-")
     slug = slug[:max_chars].rstrip("-")
+    while len(slug.encode("utf-8", "replace")) > SLUG_MAX_BYTES:
+        slug = slug[:-1].rstrip("-")
+    if slug in _RESERVED:
+        slug += "-caption"
     return slug or "caption"
 
 
@@ -100,22 +115,6 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: in
 
 
 # ---- metadata.json ---------------------------------------------------------------------------
-def jsonable(value):
-    """``value`` with paths as strings, tuples as lists, configs (``to_dict``) as dicts and
-    anything else unknown as its repr: safe for ``json.dumps``."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "to_dict"):
-        return jsonable(value.to_dict())
-    return repr(value)
-
-
 def caption_metadata(encoded, caption_index: int, text_seq_len: int, seed: int,
                      settings: dict, checkpoint: str, run_info: dict, seconds: float,
                      order: Sequence[int], scores: list[float] | None) -> dict:

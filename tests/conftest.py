@@ -80,13 +80,13 @@ def save_tiny_vqgan(out, num_tokens=64, resolution=16):
     """A tiny untrained VQGAN (4x4 codes for 16x16 images) saved as a run-style directory."""
     import torch
 
-    from kodalle_cli.vqgan import VQGAN, VQGANConfig
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig, save_vqgan
 
     torch.manual_seed(0)
     vq = VQGAN(VQGANConfig(n_embed=num_tokens, embed_dim=8, ch=32, ch_mult=(1, 2, 2),
                            num_res_blocks=1, attn_resolutions=(), resolution=resolution,
                            z_channels=8))
-    vq.save(out)
+    save_vqgan(vq, out)
     return out
 
 

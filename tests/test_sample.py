@@ -26,6 +26,7 @@ from kodalle_cli.output import (
     unique_slugs,
     write_caption_dir,
 )
+from kodalle_cli.vqgan import save_vqgan
 
 
 # ---- filters ---------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ def _write_run(run, loaded, step: int = 1):
 
     write_config(run, {"kind": "dalle", "model": loaded.model.config.to_dict()})
     loaded.tokenizer.save_pretrained(run / "tokenizer")
-    loaded.vqgan.save(run / "vqgan")
+    save_vqgan(loaded.vqgan, run / "vqgan")
     ckpt = run / "checkpoints" / f"step-{step:07d}"
     ckpt.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in loaded.model.state_dict().items()},
@@ -406,7 +407,7 @@ def test_sample_from_a_dalle_pytorch_pt(tiny_run, tiny_klue, tmp_path):
 
     pt = tmp_path / "kodalle.pt"
     save_dalle_pytorch_checkpoint(tiny_run.model, pt)
-    tiny_run.vqgan.save(tmp_path / "vq")
+    save_vqgan(tiny_run.vqgan, tmp_path / "vq")
     cfg = dict(captions=["상의에서 색상은 레드이다."], n=2, seed=3, device="cpu", out=None,
                progress=False)
     with pytest.raises(Exception, match="--backbone|--vqgan"):

@@ -29,6 +29,7 @@ from kodalle_cli.score import (
     write_pngs,
     write_random_inception_weights,
 )
+from kodalle_cli.vqgan import save_vqgan
 
 N = 8  # Inception runs at 299 px on the CPU: keep the sets small
 SIZE = 32
@@ -125,7 +126,7 @@ def tiny_run(run, tokenizer_dir):
     model, vqgan = tiny_model_and_vqgan(tokenizer, text_seq_len=24)
     write_config(run, {"kind": "dalle", "model": model.config.to_dict()})
     tokenizer.save_pretrained(run / "tokenizer")
-    vqgan.save(run / "vqgan")
+    save_vqgan(vqgan, run / "vqgan")
     ckpt = run / "checkpoints" / "step-0000001"
     ckpt.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},

@@ -105,7 +105,7 @@ class DalleTask(Task):
             return
         from torchvision.utils import save_image
 
-        from kodalle_cli.model.sample import SamplingSettings, generate_codes, row_uniforms
+        from kodalle_cli.model.sampling import SamplingSettings, generate_codes, row_uniforms
 
         samples = list(token_shards.iter_split(self.tokens_dir, "val",
                                                limit=self.cfg.sample_captions))
@@ -242,7 +242,7 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
 
 def _copy_vqgan(cfg: DalleTrainConfig, manifest: dict, out: Path):
     """Copy the VQGAN into the run (once) and return it loaded, or None when unavailable."""
-    from kodalle_cli.vqgan import load_vqgan
+    from kodalle_cli.vqgan import load_vqgan, save_vqgan
 
     target = out / runs.VQGAN_DIR
     if target.is_dir():
@@ -261,5 +261,5 @@ def _copy_vqgan(cfg: DalleTrainConfig, manifest: dict, out: Path):
     want = (manifest.get("vqgan") or {}).get("hash")
     if want and vq.identity() != want:
         raise KodalleError(f"--vqgan {source} is not the VQGAN the token shards were made with")
-    vq.save(target)
+    save_vqgan(vq, target)
     return vq

@@ -394,13 +394,6 @@ class VQGAN(nn.Module):
             self._identity = "sha256:" + h.hexdigest()
         return self._identity
 
-    def save(self, directory) -> None:
-        """``save_vqgan(self, directory)``: kept for the callers that still use it; the file
-        formats live in :mod:`kodalle_cli.vqgan.io`."""
-        from kodalle_cli.vqgan.io import save_vqgan
-
-        save_vqgan(self, directory)
-
 
 def _chunks(x: torch.Tensor, batch_size: int | None):
     if not batch_size or batch_size >= len(x):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kodalle_cli.atomic import write_json_atomic
+from kodalle_cli.atomic import jsonable, write_json_atomic
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.runs import latest_checkpoint
 from kodalle_cli.train.trainer import Task, TrainerConfig, train
@@ -358,7 +358,7 @@ def train_vqgan(cfg: VQGANTrainConfig) -> Path:
     device = pick_device(cfg.device)
     task = VQGANTask(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, {**_jsonable(asdict(cfg)), "architecture": architecture})
+    write_json_atomic(saved, {**jsonable(asdict(cfg)), "architecture": architecture})
     result = train(task, TrainerConfig(
         out=out, lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9), schedule="constant",
         warmup_steps=0, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_clip=0.0,
@@ -391,7 +391,3 @@ def save_reconstruction_grid(model: VQGAN, images: torch.Tensor, path: Path) -> 
     tmp = path.with_name(f".tmp-{path.name}")
     save_image(torch.cat([images, recon]), str(tmp), nrow=len(images), format="png")
     os.replace(tmp, path)
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
