@@ -426,7 +426,7 @@ TINY_TRAIN = ["--dim", "32", "--depth", "4", "--heads", "2", "--dim-head", "16",
               "--schedule", "constant", "--eval-every", "0", "--log-every", "1"]
 
 
-def test_train_with_every_option_resumes_exactly(tiny_dalle_data, tmp_path):
+def test_train_with_every_option_resumes_exactly(tiny_dalle_data, tmp_path, capsys):
     import json
 
     from safetensors.torch import load_file
@@ -440,8 +440,10 @@ def test_train_with_every_option_resumes_exactly(tiny_dalle_data, tmp_path):
     main([*args, "--out", str(tmp_path / "straight"), "--max-steps", "4",
           "--sample-every", "4", "--sample-captions", "2"])
     main([*args, "--out", str(tmp_path / "split"), "--max-steps", "2", "--sample-every", "0"])
+    capsys.readouterr()
     main([*args, "--out", str(tmp_path / "split"), "--max-steps", "4", "--sample-every", "0",
           "--resume"])
+    assert "resuming from" in capsys.readouterr().out
     model = json.loads((tmp_path / "straight" / "config.json").read_text())["model"]
     assert model["reversible"] and model["rotary_emb"] and model["shift_tokens"]
     assert model["attn_types"] == ["full", "axial_row", "axial_col", "conv_like"]
@@ -455,6 +457,17 @@ def test_train_with_every_option_resumes_exactly(tiny_dalle_data, tmp_path):
         assert torch.equal(want[k], got[k]), k
     loaded = load_run(tmp_path / "split", with_vqgan=False).model
     assert loaded.config == DALLEConfig.from_dict(model)
+
+
+def test_train_refuses_sparse_attention_naming_the_flag(tiny_dalle_data, tmp_path, capsys):
+    from kodalle_cli.cli import main
+
+    backbone, tokens, _ = tiny_dalle_data
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--backbone", str(backbone), "--data", str(tokens), *TINY_TRAIN,
+              "--attn-types", "full,sparse", "--out", str(tmp_path / "run"), "--max-steps", "1"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and err.startswith("Error: --attn-types full,sparse: sparse")
 
 
 @pytest.mark.slow
