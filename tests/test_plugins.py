@@ -58,15 +58,20 @@ def test_kodalle_plugins_limits_what_loads():
     assert backbones_json({"KODALLE_PLUGINS": ""}) == {}
 
 
-def test_in_process_plugin_registers_a_backbone(fresh_plugins):
-    plugin = types.ModuleType("my_plugin")
+def register_in_process(name: str, backbone: Backbone) -> None:
+    """A plugin module made here, registering one backbone, loaded under ``name``."""
+    plugin = types.ModuleType(name)
 
     @hookimpl
     def kodalle_register_backbones(register):
-        register(Backbone(name="my-lm", source="org/my-lm", language="xx"))
+        register(backbone)
 
     plugin.kodalle_register_backbones = kodalle_register_backbones
-    get_plugin_manager().register(plugin, name="my-plugin")
+    get_plugin_manager().register(plugin, name=name)
+
+
+def test_in_process_plugin_registers_a_backbone(fresh_plugins):
+    register_in_process("my-plugin", Backbone(name="my-lm", source="org/my-lm", language="xx"))
     found = registered_backbones()
     assert found["my-lm"].plugin == "my-plugin" and found["my-lm"].language == "xx"
     assert get_backbone("my-lm").location == "org/my-lm"
@@ -108,14 +113,8 @@ def test_example_plugin_tables_equal_the_real_bert(example_plugin, fresh_plugins
 
 
 def test_a_duplicate_backbone_name_warns_naming_both_plugins(fresh_plugins, capsys):
-    plugin = types.ModuleType("copycat")
-
-    @hookimpl
-    def kodalle_register_backbones(register):
-        register(Backbone(name="klue-roberta-large", source="someone/else", language="ko"))
-
-    plugin.kodalle_register_backbones = kodalle_register_backbones
-    get_plugin_manager().register(plugin, name="copycat")
+    register_in_process(
+        "copycat", Backbone(name="klue-roberta-large", source="someone/else", language="ko"))
     found = registered_backbones()
     err = " ".join(capsys.readouterr().err.split())
     assert "'klue-roberta-large' is registered by both kodalle:klue and copycat" in err
