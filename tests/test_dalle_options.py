@@ -225,33 +225,62 @@ def test_kodalle_published_config_file_both_ways(klue_emb, tmp_path):
         assert max_diff(model(text, image), ref2(text, image)) < 1e-4
 
 
-def test_kodalle_pt_samples_through_the_cli_with_dalle_pytorchs_greedy_codes(klue_emb,
-                                                                          tiny_klue, tmp_path,
-                                                                          monkeypatch):
+CAPTION = "상의에서 색상은 레드이다."
+
+
+def cli_greedy_codes(pt, backbone, vqgan_dir, cwd, monkeypatch):
+    """`kodalle sample CAPTION --checkpoint PT --backbone ... --vqgan ... --temperature 0`."""
     import numpy as np
+
+    from kodalle_cli.cli import main
+
+    monkeypatch.chdir(cwd)
+    main(["sample", CAPTION, "-n", "1", "--checkpoint", str(pt), "--backbone", str(backbone),
+          "--vqgan", str(vqgan_dir), "--temperature", "0", "--device", "cpu", "--out", "outs"])
+    (folder,) = (cwd / "outs").iterdir()
+    return np.load(folder / "codes.npy").reshape(-1).tolist()
+
+
+@pytest.fixture(scope="module")
+def klue_tokenizer_and_vqgan(tiny_klue, tmp_path_factory):
     from conftest import tiny_model_and_vqgan
     from transformers import AutoTokenizer
 
-    from kodalle_cli.cli import main
-    from kodalle_cli.text import CaptionEncoder
     from kodalle_cli.vqgan import save_vqgan
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_klue)
     _, vqgan = tiny_model_and_vqgan(tokenizer, KODALLE_T)  # 24 codes, 4x4
-    save_vqgan(vqgan, tmp_path / "vq")
-    ref = kodalle_checkpoint(klue_emb, tmp_path / "kodalle.pt", num_image_tokens=vqgan.num_tokens)
-    ref = kodalle_oracle_for_ids(ref, klue_emb)
-    caption = "상의에서 색상은 레드이다."
-    monkeypatch.chdir(tmp_path)
-    main(["sample", caption, "-n", "1", "--checkpoint", "kodalle.pt", "--backbone",
-          str(tiny_klue), "--vqgan", "vq", "--temperature", "0", "--device", "cpu",
-          "--out", "outs"])
-    (folder,) = (tmp_path / "outs").iterdir()
-    codes = np.load(folder / "codes.npy")
+    directory = tmp_path_factory.mktemp("vq")
+    save_vqgan(vqgan, directory)
+    return tokenizer, vqgan.num_tokens, directory
 
-    ids = CaptionEncoder(tokenizer, KODALLE_T, klue_emb.pad_id).encode(caption).ids
-    want = dalle_pytorch_greedy(ref, torch.tensor([ids]))
-    assert codes.reshape(-1).tolist() == want.reshape(-1).tolist()
+
+def test_kodalle_pt_samples_through_the_cli_with_dalle_pytorchs_greedy_codes(
+        klue_emb, tiny_klue, klue_tokenizer_and_vqgan, tmp_path, monkeypatch):
+    from kodalle_cli.text import CaptionEncoder
+
+    tokenizer, codes, vq = klue_tokenizer_and_vqgan
+    ref = kodalle_checkpoint(klue_emb, tmp_path / "kodalle.pt", num_image_tokens=codes)
+    got = cli_greedy_codes(tmp_path / "kodalle.pt", tiny_klue, vq, tmp_path, monkeypatch)
+    ids = CaptionEncoder(tokenizer, KODALLE_T, klue_emb.pad_id).encode(CAPTION).ids
+    want = dalle_pytorch_greedy(kodalle_oracle_for_ids(ref, klue_emb), torch.tensor([ids]))
+    assert got == want.reshape(-1).tolist()
+
+
+def test_dalle_pytorch_defaults_pt_samples_through_the_cli_with_its_greedy_codes(
+        klue_emb, tiny_klue, klue_tokenizer_and_vqgan, tmp_path, monkeypatch):
+    """A stock DALLE-pytorch 1.6.6 checkpoint (rotary, token shift, its own text table):
+    captions are padded with 0, what DALLE-pytorch pads with, whatever the tokenizer."""
+    from kodalle_cli.text import CaptionEncoder
+
+    tokenizer, codes, vq = klue_tokenizer_and_vqgan
+    ref, hparams = oracle(num_image_tokens=codes, num_text_tokens=klue_emb.vocab_size,
+                          text_seq_len=16)
+    torch.save({"hparams": hparams, "vae_params": None, "weights": ref.state_dict()},
+               tmp_path / "dalle.pt")
+    got = cli_greedy_codes(tmp_path / "dalle.pt", tiny_klue, vq, tmp_path, monkeypatch)
+    ids = CaptionEncoder(tokenizer, 16, 0).encode(CAPTION).ids
+    assert got == dalle_pytorch_greedy(ref, torch.tensor([ids])).reshape(-1).tolist()
 
 
 def dalle_pytorch_greedy(ref, text, use_cache=False):

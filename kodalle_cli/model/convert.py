@@ -139,8 +139,11 @@ def from_dalle_pytorch(
     """A DALLE-pytorch or KoDALLE state_dict -> (kodalle config, kodalle state_dict).
 
     ``heads`` comes from ``hparams`` when present (it cannot be read from shapes). ``pad_id``:
-    DALLE-pytorch pads with 0; KoDALLE with its tokenizer's pad id (klue/roberta: 1, the
-    default for that layout). Raises :class:`KodalleError` naming what cannot be converted.
+    KoDALLE's layout pads with its tokenizer's pad id (klue/roberta: 1, the default). Its
+    value does not apply to DALLE-pytorch's layout: DALLE-pytorch turns every id 0 into a
+    padding token, so such a checkpoint keeps ``pad_id=0`` and captions are padded with 0,
+    whatever tokenizer encodes them (the same ids give DALLE-pytorch's own outputs).
+    Raises :class:`KodalleError` naming what cannot be converted.
     """
     hparams = dict(hparams or {})
     sd = {k: v for k, v in weights.items() if not k.startswith("vae.")}
@@ -215,7 +218,7 @@ def from_dalle_pytorch(
             image_fmap_size=fmap, dim=dim, depth=depth, heads=heads, dim_head=inner // heads,
             ff_mult=out["blocks.0.ff.w_out.weight"].shape[1] // dim, text_seq_len=text_seq_len,
             text_dim=None if text_dim == dim else text_dim,
-            pad_id=(0 if unique else 1) if pad_id is None else pad_id, bos_id=bos_id,
+            pad_id=0 if unique else 1 if pad_id is None else pad_id, bos_id=bos_id,
             unique_pad_tokens=unique,
             loss_img_weight=float(hparams.get("loss_img_weight", 7)),
             text_loss_on_padding=True,
