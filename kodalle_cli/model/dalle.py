@@ -270,7 +270,7 @@ class TokenShift(nn.Module):
         self.text_len, self.fmap, self.sub = cfg.text_seq_len + 1, cfg.image_fmap_size, sub
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, start: int = 0):
-        b, n, d = x.shape
+        _, n, d = x.shape
         if cache is not None:
             cache.shift[layer, self.sub][:, start : start + n] = x
             x = cache.shift[layer, self.sub][:, : start + n]
@@ -301,7 +301,8 @@ class Attention(nn.Module):
         super().__init__()
         inner = cfg.heads * cfg.dim_head
         self.heads, self.dim_head = cfg.heads, cfg.dim_head
-        self.attn_type, self.text_len, self.fmap = attn_type, cfg.text_seq_len + 1, cfg.image_fmap_size
+        self.attn_type = attn_type  # the mask: see attention_mask
+        self.text_len, self.fmap = cfg.text_seq_len + 1, cfg.image_fmap_size
         self.to_qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.dim)
         self.dropout = nn.Dropout(cfg.attn_dropout)  # DALLE-pytorch drops the output
@@ -309,7 +310,7 @@ class Attention(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, start: int = 0,
                 rope=None):
         b, n, _ = x.shape
-        q, k, v = (
+        q, k, v = (  # rotary: DALLE-pytorch rotates the values too
             apply_rotary(rope, t.view(b, n, self.heads, self.dim_head).transpose(1, 2))
             for t in self.to_qkv(x).chunk(3, dim=-1)
         )
@@ -359,14 +360,13 @@ class Block(nn.Module):
     def __init__(self, cfg: DALLEConfig, layer: int):
         super().__init__()
         eps = layer_scale_init(layer + 1)
-        shift = TokenShift if cfg.shift_tokens else lambda cfg, sub: NoShift()
         self.attn_norm = nn.LayerNorm(cfg.dim)
-        self.attn_shift = shift(cfg, 0)
+        self.attn_shift = TokenShift(cfg, 0) if cfg.shift_tokens else NoShift()
         self.attn = Attention(cfg, cfg.attn_type(layer))
         self.attn_norm_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.attn_scale = nn.Parameter(torch.full((cfg.dim,), eps))
         self.ff_norm = nn.LayerNorm(cfg.dim)
-        self.ff_shift = shift(cfg, 1)
+        self.ff_shift = TokenShift(cfg, 1) if cfg.shift_tokens else NoShift()
         self.ff = FeedForward(cfg)
         self.ff_norm_out = nn.LayerNorm(cfg.dim) if cfg.sandwich_norm else nn.Identity()
         self.ff_scale = nn.Parameter(torch.full((cfg.dim,), eps))
