@@ -11,6 +11,7 @@
     runs/NAME/latest             "checkpoints/step-0001000"
     runs/NAME/metrics.csv        step,split,metric,value,time
     runs/NAME/samples/           step-0001000.png grids of fixed validation captions
+    runs/NAME/lock               while a run writes: its pid (see :func:`run_lock`)
 
 :func:`load_run` is the one way to open a trained DALLE for use (sampling, scoring, the
 demos): a run directory (default: :func:`newest_run` under ``runs/``), one of its checkpoint
@@ -20,6 +21,7 @@ directories, or a DALLE-pytorch / KoDALLE ``.pt`` checkpoint (read with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import torch
 
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.text import CaptionEncoder
+from kodalle_cli.weights import load_strict, read_safetensors
 
 CONFIG = "config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -37,6 +40,7 @@ SAMPLES_DIR = "samples"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 METRICS = "metrics.csv"
+LOCK = "lock"  # the pid of the process writing the run (see run_lock)
 
 
 def checkpoint_name(step: int) -> str:
@@ -56,6 +60,147 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+# ---- one run per directory ------------------------------------------------------------------
+_held: dict[str, list] = {}  # lock path -> [open file, depth]: a process may re-enter its lock
+
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike, enabled: bool = True):
+    """Hold ``OUT/lock`` while a run writes to ``out``: a second run on the same directory
+    fails with one line naming the pid that holds it.
+
+    The file holds the owner's pid (first line), host and start time; the lock itself is an
+    ``flock`` on it, which the kernel drops when the owner dies, so a lock left by a killed
+    run is taken over. Re-entrant within a process (the DALLE, VQGAN and reranker commands
+    take it, and so does the trainer they call); ``enabled=False`` (DDP ranks but 0) does
+    nothing."""
+    if not enabled:
+        yield
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = str((out / LOCK).resolve())
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    handle = _acquire(Path(path))
+    _held[path] = [handle, 1]
+    try:
+        yield
+    finally:
+        del _held[path]
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        handle.close()  # releases the flock
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of ``pid`` (Linux /proc, clock ticks since boot), None if unknown;
+    "" for a dead or zombie process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "" if Path("/proc/self/stat").is_file() else None
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _pid_alive(pid: int) -> bool:
+    if _process_start(pid) == "":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _lock_owner(text: str) -> dict:
+    lines = text.splitlines()
+    owner = {"pid": None, "host": None, "start": None}
+    if lines and lines[0].strip().isdigit():
+        owner["pid"] = int(lines[0])
+    for line in lines[1:]:
+        key, _, value = line.partition("=")
+        if key in owner:
+            owner[key] = value.strip()
+    return owner
+
+
+def _still_running(owner: dict) -> bool:
+    """A lock file whose flock is free is stale, unless flock does not work here and the
+    owner it names is a live process on this host (the same one: same start time)."""
+    import socket
+
+    pid = owner["pid"]
+    if pid is None or pid == os.getpid():
+        return False
+    if owner["host"] not in (None, socket.gethostname()):
+        return True  # another machine: its pid cannot be checked from here
+    if not _pid_alive(pid):
+        return False
+    return owner["start"] is None or owner["start"] == _process_start(pid)
+
+
+def _busy(path: Path, owner: dict) -> KodalleError:
+    import socket
+
+    pid = owner["pid"] if owner["pid"] is not None else "unknown"
+    host = owner["host"]
+    where = f" on {host}" if host and host != socket.gethostname() else ""
+    return KodalleError(
+        f"{path.parent} is in use by another run (pid {pid}{where}, lock file {path}): wait "
+        "for it to end or use another --out; delete the lock file only if that run is gone"
+    )
+
+
+def _acquire(path: Path):
+    """Open ``path``, take its flock and write our pid into it; raise if another run has it."""
+    import socket
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the pid check alone
+        fcntl = None
+    for _ in range(5):
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    raise _busy(path, _lock_owner(handle.read())) from None
+                # the file may have been unlinked (its owner ended) between open and flock
+                if os.fstat(handle.fileno()).st_ino != os.stat(path).st_ino:
+                    handle.close()
+                    continue
+            handle.seek(0)
+            owner = _lock_owner(handle.read())
+            if _still_running(owner):
+                raise _busy(path, owner)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\nhost={socket.gethostname()}\n"
+                         f"start={_process_start(os.getpid()) or ''}\n")
+            handle.flush()
+            return handle
+        except FileNotFoundError:  # unlinked by its ending owner: try again
+            handle.close()
+        except BaseException:
+            handle.close()
+            raise
+    raise KodalleError(f"could not take the lock {path}: another run keeps replacing it")
+
+
 def write_config(run: Path, config: dict) -> None:
     run.mkdir(parents=True, exist_ok=True)
     tmp = run / f".tmp-{CONFIG}"
@@ -67,7 +212,14 @@ def read_config(run: Path) -> dict:
     path = Path(run) / CONFIG
     if not path.is_file():
         raise KodalleError(f"{run} is not a kodalle run directory (no {CONFIG})")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise KodalleError(f"cannot read {path}: damaged ({type(exc).__name__}: "
+                           f"{(str(exc).splitlines() or [''])[0]})") from None
+    if not isinstance(config, dict):
+        raise KodalleError(f"{path} is damaged: not a JSON object")
+    return config
 
 
 @dataclass
@@ -79,6 +231,8 @@ class RunPaths:
 def resolve(path: str | os.PathLike) -> RunPaths:
     """A run dir (its ``latest`` checkpoint), a checkpoint dir, or a ``.pt`` file."""
     path = Path(path).expanduser()
+    if path.is_file() and path.name == "model.safetensors":  # its checkpoint directory
+        path = path.parent
     if path.is_file():
         return RunPaths(None, path)
     if not path.is_dir():
@@ -170,8 +324,6 @@ def load_run(path: str | os.PathLike | None = None, device: str | torch.device =
     ``klue-roberta-large``) and ``vqgan`` the image tokenizer, since the file holds neither
     (a run's own VQGAN is used otherwise; ``vqgan`` replaces it).
     """
-    from kodalle_cli.model import DALLE, DALLEConfig
-
     target = Path(path) if path is not None else newest_run(runs_dir)
     paths = resolve(target)
     tokenizer = vq = None
@@ -191,28 +343,70 @@ def load_run(path: str | os.PathLike | None = None, device: str | torch.device =
                   "source": {"dalle_pytorch": str(paths.checkpoint), "vae_params": vae_params},
                   "backbone": {"name": backbone}}
     else:
-        from safetensors.torch import load_file
-
         if paths.run is None:
             raise KodalleError(
                 f"{paths.checkpoint} is a checkpoint outside a run directory: its config.json "
                 "is not beside it"
             )
         config = read_config(paths.run)
-        model = DALLE(DALLEConfig.from_dict(config["model"]))
-        model.load_state_dict(load_file(str(paths.checkpoint / "model.safetensors")))
+        model = _build_model(config, paths.run / CONFIG)
+        weights = paths.checkpoint / "model.safetensors"
+        load_strict(model, read_safetensors(weights, "DALLE weights"), str(weights),
+                    f"the model in {paths.run / CONFIG}")
         if with_tokenizer and (paths.run / TOKENIZER_DIR).is_dir():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(paths.run / TOKENIZER_DIR)
+            tokenizer = _run_tokenizer(paths.run / TOKENIZER_DIR)
         if vqgan is None and (paths.run / VQGAN_DIR).is_dir():
             vqgan = str(paths.run / VQGAN_DIR)
     if with_vqgan and vqgan is not None:
         from kodalle_cli.vqgan import load_vqgan
 
         vq = load_vqgan(vqgan, device=device)
+        check_vqgan(model, vq, vqgan)
     config["checkpoint"] = str(paths.checkpoint)
     # the pad id and length the model was trained with: recorded in its config
     encoder = (CaptionEncoder(tokenizer, model.config.text_seq_len, model.config.pad_id)
                if tokenizer is not None else None)
     return LoadedRun(model.to(device).eval(), encoder, vq, str(target), config)
+
+
+def _build_model(config: dict, where: Path):
+    """The run's DALLE (random weights); a missing or impossible model config is one error
+    line naming the file."""
+    from kodalle_cli.errors import ConfigError
+    from kodalle_cli.model import DALLE, DALLEConfig
+
+    model = config.get("model")
+    if not isinstance(model, dict):
+        raise KodalleError(f"{where} has no model config: not a DALLE run")
+    try:
+        return DALLE(DALLEConfig.from_dict(model))
+    except (ConfigError, TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise KodalleError(f"{where}: its model config cannot be built ({exc})") from None
+
+
+def _run_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - OSError, JSON, tokenizers' own errors
+        raise KodalleError(
+            f"cannot load the run's tokenizer {directory}: damaged ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0]})") from None
+
+
+def check_vqgan(model, vqgan, source) -> None:
+    """A VQGAN that cannot draw this model's codes is an error, before anything is
+    generated: another codebook size, or another code grid."""
+    cfg = model.config
+    if vqgan.num_tokens != cfg.num_image_tokens:
+        raise KodalleError(
+            f"VQGAN {source} has {vqgan.num_tokens} codes but the model was trained on "
+            f"{cfg.num_image_tokens}: use the VQGAN its token shards were made with"
+        )
+    if vqgan.fmap_size != cfg.image_fmap_size:
+        raise KodalleError(
+            f"VQGAN {source} makes a {vqgan.fmap_size}x{vqgan.fmap_size} code grid but the "
+            f"model was trained on {cfg.image_fmap_size}x{cfg.image_fmap_size}: use the VQGAN "
+            "its token shards were made with"
+        )

@@ -124,7 +124,12 @@ class CaptionEncoder:
                 f"{self.text_seq_len}: its last {enc.truncated} tokens "
                 f"({100 * enc.truncated / len(full):.0f}% of it) are dropped"
             )
-        if content and unknown / len(content) >= UNKNOWN_WARN_FRACTION:
+        if not content:
+            enc.warnings.append(
+                f"caption {short!r} gives no tokens (nothing the tokenizer keeps, such as "
+                "control characters only): the images will not depend on it"
+            )
+        elif unknown / len(content) >= UNKNOWN_WARN_FRACTION:
             enc.warnings.append(
                 f"caption {short!r}: {unknown} of its {len(content)} tokens are unknown to "
                 "the tokenizer; the images will barely depend on it (is it in the training "

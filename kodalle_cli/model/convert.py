@@ -309,20 +309,34 @@ def to_dalle_pytorch(model: DALLE) -> tuple[dict, dict]:
 def load_dalle_pytorch_checkpoint(path: str | Path, **kwargs) -> tuple[DALLE, dict]:
     """Read a ``{"hparams", "vae_params", "weights"}`` .pt (``weights_only=True``) into a
     kodalle model; returns (model, the checkpoint's vae_params or {})."""
+    from kodalle_cli.weights import load_strict, read_torch_file
+
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled classes, not a torch file
-        raise KodalleError(
-            f"cannot read {path} safely (weights_only=True): {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
+    ckpt = read_torch_file(path, "DALLE checkpoint")  # refuses pickled code, runs nothing
     if not isinstance(ckpt, dict) or "weights" not in ckpt:
         raise KodalleError(f"{path} is not a DALLE-pytorch checkpoint (no 'weights')")
-    cfg, sd = from_dalle_pytorch(ckpt["weights"], ckpt.get("hparams"), **kwargs)
-    model = DALLE(cfg)
-    model.load_state_dict(sd)
-    return model, dict(ckpt.get("vae_params") or {})
+    weights, hparams = ckpt["weights"], ckpt.get("hparams")
+    if not isinstance(weights, dict) or not all(
+            isinstance(v, torch.Tensor) for v in weights.values()):
+        raise KodalleError(f"{path}: 'weights' is not a state_dict of tensors")
+    if hparams is not None and not isinstance(hparams, dict):
+        raise KodalleError(f"{path}: 'hparams' is not a dict")
+    try:
+        cfg, sd = from_dalle_pytorch(weights, hparams, **kwargs)
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
+        # a weight the layout needs is missing, or shapes that do not fit together
+        what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise KodalleError(
+            f"{path} is not a complete DALLE-pytorch checkpoint ({what.splitlines()[0]})"
+        ) from None
+    try:
+        model = DALLE(cfg)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise KodalleError(f"{path}: its hparams make no model ({exc})") from None
+    load_strict(model, sd, str(path), f"the model its weights describe ({cfg.depth} layers, "
+                f"dim {cfg.dim})")
+    vae_params = ckpt.get("vae_params")
+    return model, dict(vae_params) if isinstance(vae_params, dict) else {}
 
 
 def save_dalle_pytorch_checkpoint(model: DALLE, path: str | Path,

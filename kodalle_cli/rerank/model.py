@@ -279,8 +279,9 @@ def is_reranker_dir(path: str | Path) -> bool:
 
 def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> Reranker:
     """Load a reranker directory (written by ``kodalle train reranker``), in eval mode."""
-    from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
+
+    from kodalle_cli.weights import load_strict, read_safetensors
 
     path = Path(path).expanduser()
     if not is_reranker_dir(path) or not (path / TEXT_DIR).is_dir():
@@ -288,19 +289,29 @@ def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> Reran
             f"{path} is not a reranker directory (needs {CONFIG_NAME}, {TEXT_DIR}/ and "
             f"{WEIGHTS_NAME}; make one with `kodalle train reranker`)"
         )
-    data = json.loads((path / CONFIG_NAME).read_text())
-    if data.get("kind") != KIND:
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise KodalleError(f"cannot read {path / CONFIG_NAME}: damaged ({exc})") from None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
         raise KodalleError(f"{path / CONFIG_NAME} is not a kodalle reranker config")
-    config = RerankerConfig.from_dict(data)
-    text_model = AutoModel.from_pretrained(path / TEXT_DIR)
-    tokenizer = AutoTokenizer.from_pretrained(path / TEXT_DIR)
-    model = Reranker(config, text_model, build_image_tower(None), tokenizer)
-    rest = load_file(str(path / WEIGHTS_NAME))
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not k.startswith("text.")]
-    if missing or unexpected:
-        raise KodalleError(
-            f"{path / WEIGHTS_NAME} does not match the reranker: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}"
-        )
+    try:
+        config = RerankerConfig.from_dict(data)
+        text_model, info = AutoModel.from_pretrained(path / TEXT_DIR, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(path / TEXT_DIR)
+        model = Reranker(config, text_model, build_image_tower(None), tokenizer)
+    except Exception as exc:  # noqa: BLE001 - damaged text/ files: OSError, JSON, Rust errors
+        detail = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise KodalleError(f"cannot load the reranker in {path}: damaged ({detail})") from None
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(map(str, info.get(kind) or ()))
+        if keys:  # transformers would fill these with random weights: refuse instead
+            raise KodalleError(
+                f"{path / TEXT_DIR} does not match its config: {len(keys)} "
+                f"{kind.replace('_', ' ')} (e.g. {keys[0]})"
+            )
+    rest = read_safetensors(path / WEIGHTS_NAME, "reranker weights")
+    # the text tower came with its own files; the rest must fit the config exactly
+    full = {**{f"text.{k}": v for k, v in model.text.state_dict().items()}, **rest}
+    load_strict(model, full, str(path / WEIGHTS_NAME), f"the reranker in {path / CONFIG_NAME}")
     return model.to(device).eval()

@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from kodalle_cli.errors import KodalleError
+from kodalle_cli.errors import ConfigError, KodalleError
 from kodalle_cli.rerank.model import Reranker, load_reranker
 
 __all__ = ["Reranker", "keep_best", "load_reranker", "rank_files"]
@@ -29,18 +29,35 @@ def keep_best(reranker: Reranker, images: Sequence, caption: str,
 
 
 def rank_files(paths: Sequence[str | Path], caption: str, reranker: str | Path,
-               top: int | None = None, device: str = "auto") -> list[dict]:
-    """Rank image files by similarity to ``caption``: ``[{rank, score, image}]`` best first."""
+               top: int | None = None, device: str = "auto",
+               warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Rank image files by similarity to ``caption``: ``[{rank, score, image}]`` best first.
+
+    A path that is not a readable image (another kind of file, a damaged image, a folder,
+    a missing file) is skipped with a warning giving the reason (``warn``, default
+    :func:`kodalle_cli.errors.warn`); when none is left it is an error. An empty caption is
+    a usage error."""
     from kodalle_cli.data.images import ImageError, open_image
     from kodalle_cli.device import pick_device
+    from kodalle_cli.errors import UsageError
+    from kodalle_cli.errors import warn as warn_user
 
-    images = []
+    warn = warn or warn_user
+    if not caption.strip():
+        raise UsageError("--caption is empty: give the caption to rank the images against")
+    if top is not None and top < 1:
+        raise ConfigError("top", top, "must be at least 1")
+    images, kept = [], []
     for path in paths:
         try:
             images.append(open_image(path)[0])
+            kept.append(path)
         except ImageError as exc:
-            raise KodalleError(f"{path}: {exc}") from None
+            warn(f"skipped {path}: {exc}")
+    if not images:
+        raise KodalleError(
+            f"none of the {len(paths)} file(s) given is a readable image: nothing to rank")
     model = load_reranker(reranker, pick_device(device))
     order, scores = keep_best(model, images, caption, top)
-    return [{"rank": r + 1, "score": scores[i], "image": str(paths[i])}
+    return [{"rank": r + 1, "score": scores[i], "image": str(kept[i])}
             for r, i in enumerate(order)]

@@ -21,7 +21,6 @@ every other key must match the architecture exactly.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,22 +186,10 @@ _STAND_INS = _stand_ins()
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """``torch.load(weights_only=True)`` with Lightning stand-ins; refuses anything else."""
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_STAND_INS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation",
-                  "WeightsUnpickler error")
-        lines = [ln.strip() for ln in str(exc).splitlines()
-                 if ln.strip() and not ln.strip().startswith(boiler)]
-        detail = (lines or ["unknown global"])[0]
-        raise KodalleError(
-            f"refusing to load {path}: it needs arbitrary code to unpickle ({detail}); "
-            "only plain weights and known Lightning objects are accepted"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise KodalleError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    from kodalle_cli.weights import read_torch_file
+
+    return read_torch_file(path, "VQGAN checkpoint", _STAND_INS,
+                           "plain weights and known Lightning objects")
 
 
 def state_dict_from_checkpoint(ckpt, where: str) -> dict[str, torch.Tensor]:
@@ -214,23 +201,9 @@ def state_dict_from_checkpoint(ckpt, where: str) -> dict[str, torch.Tensor]:
 
 def load_weights(model: VQGAN, sd: dict[str, torch.Tensor], where: str) -> None:
     """Strict load: every key of the architecture present with its shape, nothing extra."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}"
-           for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if bad:
-            parts.append(f"{len(bad)} with other shapes (e.g. {bad[0]})")
-        raise KodalleError(
-            f"{where} does not match its VQGAN config: " + "; ".join(parts)
-        )
-    model.load_state_dict(sd, strict=True)
+    from kodalle_cli.weights import load_strict
+
+    load_strict(model, sd, where, "its VQGAN config")
 
 
 # ---- presets and the cache -------------------------------------------------------------------
@@ -301,14 +274,14 @@ def load_vqgan(spec: str | os.PathLike, config: str | os.PathLike | None = None,
     """Load a VQGAN (preset, directory, or checkpoint + yaml), in eval mode on ``device``."""
     weights, config_path = resolve(spec, config)
     cfg = read_config(config_path)
-    model = VQGAN(cfg)
+    try:
+        model = VQGAN(cfg)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as exc:
+        raise KodalleError(f"VQGAN config {config_path} builds no model ({exc})") from None
     if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from kodalle_cli.weights import read_safetensors
 
-        try:
-            sd = load_file(str(weights))
-        except Exception as exc:
-            raise KodalleError(f"cannot read {weights}: {exc}") from None
+        sd = read_safetensors(weights, "VQGAN weights")
         sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     else:
         sd = state_dict_from_checkpoint(load_checkpoint(weights), str(weights))
