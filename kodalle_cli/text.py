@@ -17,6 +17,7 @@ The training and sampling paths give the same ids for the same caption (tested).
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,21 @@ class EncodedCaption:
     @property
     def truncated(self) -> int:
         return self.full_length - self.num_tokens
+
+
+@contextlib.contextmanager
+def _quiet_length_warning():
+    """transformers warns, once, that a caption longer than the tokenizer's maximum "will
+    result in indexing errors" when it is only measured here; quiet it for the call."""
+    import logging
+
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class CaptionEncoder:
@@ -81,8 +97,9 @@ class CaptionEncoder:
         """Per caption (already normalised): (all its ids, the ids kept after truncation)."""
         if not captions:
             return []
-        full = self.tokenizer(list(captions), add_special_tokens=True,
-                              truncation=False)["input_ids"]
+        with _quiet_length_warning():  # the caller says it better (how many tokens dropped)
+            full = self.tokenizer(list(captions), add_special_tokens=True,
+                                  truncation=False)["input_ids"]
         long = [i for i, ids in enumerate(full) if len(ids) > self.text_seq_len]
         kept = [list(ids) for ids in full]
         if long:
