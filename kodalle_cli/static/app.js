@@ -151,6 +151,18 @@ function follow(job) {
   render(job);
   events = new EventSource(`/api/jobs/${job.id}/events`);
   events.addEventListener("job", (message) => render(JSON.parse(message.data)));
+  events.addEventListener("error", async () => {
+    // the browser retries a dropped stream itself; a refused one (server restarted, job
+    // forgotten) is closed: ask once more, and say what happened
+    if (!events || events.readyState !== EventSource.CLOSED) return;
+    try {
+      render(await api(`/api/jobs/${job.id}`));
+    } catch (error) {
+      showError(error.message);
+      $("generate").disabled = false;
+      $("cancel").hidden = true;
+    }
+  });
 }
 
 function figure(image, job) {
