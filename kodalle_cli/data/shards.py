@@ -26,17 +26,18 @@ in an ``IterableDataset`` needs no extra code.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kodalle_cli.atomic import write_json_atomic
+from kodalle_cli.atomic import disk_full_error, is_disk_full, write_json_atomic
 from kodalle_cli.errors import KodalleError
 
 SPLITS = ("train", "val")
@@ -79,21 +80,36 @@ class ShardWriter:
     def write(self, key: str, jpg: bytes, caption: str, meta: dict) -> None:
         if not key or "." in key or "/" in key:
             raise ValueError(f"shard keys must be non-empty, without dots or slashes: {key!r}")
-        self._add(f"{key}.jpg", jpg)
-        self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
-        self._add(f"{key}.txt", caption.encode("utf-8"))
+        with self._disk_full():
+            self._add(f"{key}.jpg", jpg)
+            self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+            self._add(f"{key}.txt", caption.encode("utf-8"))
         self.count += 1
 
     def commit(self, stats: dict) -> None:
-        self._tar.close()
-        os.replace(self.tmp, self.path)
-        write_json_atomic(stats_path(self.path), stats)
+        with self._disk_full():
+            self._tar.close()
+            os.replace(self.tmp, self.path)
+            write_json_atomic(stats_path(self.path), stats)
+
+    @contextlib.contextmanager
+    def _disk_full(self):
+        """A full disk: the temporary file goes, and one line says so."""
+        try:
+            yield
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self.abort()
+            raise disk_full_error(
+                f"shard {self.path.name}", self.path.parent, "the shards finished so far are "
+                "kept and no partial one is left; free space and run the same command to go on"
+            ) from None
 
     def abort(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing may fail again (a full disk)
             self._tar.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -148,6 +164,7 @@ def iter_image_samples(
     repeat: bool = False,
     split_by_worker: bool = True,
     limit: int | None = None,
+    on_bad: Callable[[str, str, str], None] | None = None,
 ) -> Iterator[ImageSample]:
     """Yield the samples of image shards: key, PIL RGB image, caption and metadata.
 
@@ -160,11 +177,13 @@ def iter_image_samples(
       read only this worker's share of the shards (shard ``i`` goes to worker
       ``i % total``); with fewer shards than workers some workers read nothing.
     - ``limit``: stop after this many samples (per worker).
+    - ``on_bad(shard, key, reason)``: a sample without an image, an image that does not
+      decode (with ``decode``) or a damaged tar (key: the last good one, or "") is passed
+      to it and skipped; without it, such a sample is an error naming shard and key.
 
     For a fixed-size float batch, pass the images to
     :func:`kodalle_cli.data.images.to_tensor`.
     """
-    from PIL import Image
     from webdataset.tariterators import tarfile_samples
     from webdataset.utils import pytorch_worker_info
 
@@ -173,29 +192,52 @@ def iter_image_samples(
         rank, world, worker, workers = pytorch_worker_info()
         total, index = world * workers, rank * workers + worker
         paths = paths[index::total]
+    def bad(shard: str, key: str, reason: str) -> None:
+        if on_bad is None:
+            raise KodalleError(f"{shard}{': ' + key if key else ''}: {reason}")
+        on_bad(shard, key, reason)
+
     rng = random.Random(seed)
     emitted = 0
     while True:
         order = list(paths)
         if shuffle_shards:
             rng.shuffle(order)
-        for sample in tarfile_samples([{"url": p} for p in order]):
-            if "jpg" not in sample:
-                continue
-            if decode:
-                with Image.open(io.BytesIO(sample["jpg"])) as im:
-                    image = im.convert("RGB")
-            else:
-                image = sample["jpg"]
-            yield ImageSample(
-                key=sample["__key__"],
-                image=image,
-                caption=sample.get("txt", b"").decode("utf-8"),
-                meta=json.loads(sample["json"]) if "json" in sample else {},
-                shard=sample["__url__"],
-            )
-            emitted += 1
-            if limit is not None and emitted >= limit:
-                return
+        for path in order:
+            samples, last = tarfile_samples([{"url": path}]), ""
+            while True:
+                try:
+                    sample = next(samples)
+                except StopIteration:
+                    break
+                except Exception as exc:  # a truncated or damaged tar: the rest is lost
+                    where = f"after {last}" if last else "from its start"
+                    bad(path, last, f"unreadable tar {where} ({exc}); rest of shard skipped")
+                    break
+                key = last = sample["__key__"]
+                if "jpg" not in sample:
+                    if on_bad is not None:
+                        on_bad(path, key, "no image (.jpg)")
+                    continue
+                try:
+                    image = _decoded(sample["jpg"]) if decode else sample["jpg"]
+                    caption = sample.get("txt", b"").decode("utf-8")
+                    meta = json.loads(sample["json"]) if "json" in sample else {}
+                except Exception as exc:  # PIL, UnicodeDecodeError, JSONDecodeError
+                    bad(path, key, f"unreadable sample ({type(exc).__name__}: {exc})")
+                    continue
+                yield ImageSample(key=key, image=image, caption=caption, meta=meta,
+                                  shard=sample["__url__"])
+                emitted += 1
+                if limit is not None and emitted >= limit:
+                    return
         if not repeat or not paths:
             return
+
+
+def _decoded(jpg: bytes):
+    """The RGB image of JPEG (or any PIL-readable) bytes, fully decoded."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpg)) as im:
+        return im.convert("RGB")

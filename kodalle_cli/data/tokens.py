@@ -16,14 +16,23 @@ the manifest is written last, so a killed run leaves no shard or manifest that l
 complete). Reading: :class:`TokenBatches`, an ``IterableDataset`` that
 yields whole batches, split by distributed rank and data-loader worker, shuffled from a seed,
 and resumable at any batch: the position is just the number of batches consumed.
+
+Damaged shards: :func:`check_shards` reads every shard once before training and checks each
+sample against the manifest (ids of ``text_seq_len``, codes inside the codebook, whole
+tars); bad samples are reported by shard and key and left out by every reader, and more
+than ``max_bad_fraction`` of them is an error. :func:`check_vqgan` refuses shards that a
+VQGAN cannot decode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +83,31 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (dtype, shape, fortran order)
+
+
 def _npy_load(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """An ``.npy`` (no pickles); the few distinct headers of a shard are parsed once."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 10 or data[6] != 1:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    offset = 10 + int.from_bytes(data[8:10], "little")
+    head = data[:offset]
+    info = _NPY_HEADERS.get(head)
+    if info is None:
+        fp = io.BytesIO(head)
+        np.lib.format.read_magic(fp)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        if dtype.hasobject:
+            raise ValueError("an .npy of Python objects (pickles are not loaded)")
+        if len(_NPY_HEADERS) > 256:
+            _NPY_HEADERS.clear()
+        info = _NPY_HEADERS[head] = (dtype, shape, fortran)
+    dtype, shape, fortran = info
+    count = int(np.prod(shape))
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f"{len(data) - offset} data bytes, {count} x {dtype} expected")
+    array = np.frombuffer(data, dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -190,8 +222,12 @@ class TokenShardsWriter:
         """Close the open shard of ``split`` and rename it into place, then write ``stats``
         (when given) to its ``*_stats.json``; returns its manifest entry."""
         shard = self._open.pop(split)
-        shard.writer.close()
-        os.replace(shard.tmp, shard.final)
+        try:
+            shard.writer.close()
+            os.replace(shard.tmp, shard.final)
+        except BaseException:  # e.g. a full disk: no partial shard stays
+            shard.tmp.unlink(missing_ok=True)
+            raise
         if stats is not None:
             write_json_atomic(stats_path(shard.final), stats)  # last: the shard is finished
         return self.add_finished(split, shard.final.name, shard.count)
@@ -234,10 +270,9 @@ class TokenShardsWriter:
     def abort(self) -> None:
         """Drop the open shards (nothing that looks complete is left)."""
         for shard in self._open.values():
-            try:
+            with contextlib.suppress(Exception):  # closing may fail again (a full disk)
                 shard.writer.close()
-            finally:
-                shard.tmp.unlink(missing_ok=True)
+            shard.tmp.unlink(missing_ok=True)
         self._open.clear()
 
     def __enter__(self):
@@ -259,18 +294,163 @@ def read_manifest(root: str | Path) -> dict:
             f"{root} has no {MANIFEST}: not a token-shard directory "
             "(run `kodalle tokenize` on image shards first, or pass --vqgan)"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KodalleError(f"{path} is unreadable ({exc}): re-run `kodalle tokenize`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise KodalleError(f"{path} is not a kodalle token manifest")
+    missing = [k for k in ("text_seq_len", "num_image_tokens", "image_fmap_size", "splits")
+               if k not in manifest]
+    if missing:
+        raise KodalleError(f"{path} lacks {', '.join(missing)}: re-run `kodalle tokenize`")
     return manifest
 
 
-def read_shard(path: str | Path) -> list[dict]:
-    """Every sample of one token shard: {"key", "ids" int64 [T], "codes" int64 [N], "txt"}."""
-    from webdataset.tariterators import tarfile_samples
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # KEY.SUFFIX, as webdataset groups them
+_FILE_TYPES = (b"0", b"\0", b"7")
 
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for big numbers
+        return int.from_bytes(field[1:], "big")
+    text = field.replace(b"\0", b" ").strip()
+    return int(text, 8) if text else 0
+
+
+def _tar_members(data: bytes):
+    """(name, bytes) of each file in an (uncompressed) tar held in memory; raises ValueError
+    where the tar is damaged or cut. Reads ustar, GNU long names and pax paths."""
+    pos, end, long_name = 0, len(data), None
+    while pos + 512 <= end:
+        header = data[pos:pos + 512]
+        if header.count(0) == 512:
+            return
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
+            raise ValueError(f"a damaged tar header at byte {pos}")
+        size, kind = _octal(header[124:136]), header[156:157]
+        start = pos + 512
+        if start + size > end:
+            raise ValueError(f"the tar ends inside a member (byte {end})")
+        body = data[start:start + size]
+        pos = start + (size + 511) // 512 * 512
+        if kind == b"L":  # GNU long name of the next member
+            long_name = body.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind == b"x":  # pax header of the next member: "LEN path=NAME\n" records
+            for record in body.decode("utf-8", "replace").split("\n"):
+                key, _, value = record.partition(" ")[2].partition("=")
+                if key == "path":
+                    long_name = value
+            continue
+        if kind not in _FILE_TYPES:
+            long_name = None if kind != b"g" else long_name
+            continue
+        name = long_name or header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if long_name is None and header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        long_name = None
+        yield name, body
+    if data[pos:].strip(b"\0"):
+        raise ValueError(f"the tar ends inside a header (byte {end})")
+
+
+def _tar_samples(path: Path) -> tuple[list[dict], str | None]:
+    """The samples of a tar in file order (``{"__key__", SUFFIX: bytes}``), and why reading
+    stopped early (a missing, truncated or damaged tar), or None. A sample cut by the
+    damage is left out."""
+    samples: list[dict] = []
+    current: dict | None = None
+    try:
+        data = Path(path).read_bytes()
+        for name, body in _tar_members(data):
+            match = _MEMBER.match(name)
+            if match is None:
+                continue
+            key, suffix = match.groups()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    samples.append(current)
+                current = {"__key__": key}
+            current[suffix] = body
+    except (OSError, ValueError) as exc:
+        return samples, f"unreadable after {len(samples)} samples ({exc})"
+    if current is not None:
+        samples.append(current)
+    return samples, None
+
+
+def _parse(raw: dict, manifest: dict, num_text_tokens: int | None) -> tuple[dict | None, str]:
+    """A token sample, checked against the manifest (and the model's vocabulary), or
+    ``(None, why it is bad)``."""
+    try:
+        ids = _npy_load(raw["ids.npy"]) if "ids.npy" in raw else None
+        codes = _npy_load(raw["codes.npy"]) if "codes.npy" in raw else None
+    except (ValueError, OSError, EOFError) as exc:
+        return None, f"unreadable .npy ({exc})"
+    if ids is None or codes is None:
+        return None, "no ids.npy" if ids is None else "no codes.npy"
+    length, n_codes = manifest["text_seq_len"], manifest["image_fmap_size"] ** 2
+    vocab, codebook = num_text_tokens, manifest["num_image_tokens"]
+    if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(codes.dtype, np.integer)):
+        return None, f"ids/codes of type {ids.dtype}/{codes.dtype}, not integers"
+    if ids.shape != (length,):
+        return None, f"ids.npy has shape {ids.shape}, the manifest says ({length},)"
+    if codes.shape != (n_codes,):
+        return None, f"codes.npy has shape {codes.shape}, the manifest says ({n_codes},)"
+    if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
+        return None, f"text ids outside the vocabulary [0, {vocab}): {ids.min()}..{ids.max()}"
+    if codes.min() < 0 or codes.max() >= codebook:
+        return None, (f"codes outside the VQGAN's codebook [0, {codebook}): "
+                      f"{codes.min()}..{codes.max()}")
+    try:
+        text = raw["txt"].decode("utf-8") if "txt" in raw else ""
+    except UnicodeDecodeError:
+        return None, "txt is not UTF-8"
+    return {"key": raw["__key__"], "ids": ids.astype(np.int64),
+            "codes": codes.astype(np.int64), "txt": text}, ""
+
+
+@dataclass
+class BadSample:
+    shard: str
+    key: str  # "" when the samples of a damaged tar cannot be named
+    reason: str
+
+
+def good_samples(path: str | Path, manifest: dict, *, expected: int | None = None,
+                 num_text_tokens: int | None = None) -> tuple[list[dict], list[BadSample]]:
+    """The samples of one token shard that fit ``manifest`` (and a vocabulary of
+    ``num_text_tokens``), in file order, and the bad ones with their reasons; ``expected``
+    (the manifest's count) turns samples lost to a truncated tar into bad ones too."""
+    path = Path(path)
+    raws, damage = _tar_samples(path)
+    good, bad = [], []
+    for raw in raws:
+        sample, why = _parse(raw, manifest, num_text_tokens)
+        if sample is None:
+            bad.append(BadSample(path.name, raw["__key__"], why))
+        else:
+            good.append(sample)
+    lost = (expected - len(raws)) if expected is not None else 0
+    if damage is not None or lost > 0:
+        why = damage or "the tar ends early"
+        if not path.is_file():
+            why = "the file is missing"
+        after = f"after {raws[-1]['__key__']}" if raws else "from its start"
+        bad.extend(BadSample(path.name, "", f"sample lost {after}: {why}")
+                   for _ in range(max(lost, 1 if damage else 0)))
+    return good, bad
+
+
+def read_shard(path: str | Path) -> list[dict]:
+    """Every sample of one token shard: {"key", "ids" int64 [T], "codes" int64 [N], "txt"}
+    (no checks: see :func:`good_samples`)."""
+    raws, damage = _tar_samples(Path(path))
+    if damage is not None:
+        raise KodalleError(f"{path} is {damage}")
     samples = []
-    for raw in tarfile_samples([{"url": str(path)}]):
+    for raw in raws:
         samples.append({
             "key": raw["__key__"],
             "ids": _npy_load(raw["ids.npy"]).astype(np.int64),
@@ -278,6 +458,78 @@ def read_shard(path: str | Path) -> list[dict]:
             "txt": raw["txt"].decode("utf-8") if "txt" in raw else "",
         })
     return samples
+
+
+@dataclass
+class SplitCheck:
+    """What :func:`check_shards` found in one split."""
+
+    counts: dict[str, int]  # shard name -> good samples
+    listed: int  # samples the manifest lists
+    bad: list[BadSample]
+
+    @property
+    def good(self) -> int:
+        return sum(self.counts.values())
+
+
+def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
+                 max_bad_fraction: float = 0.01, splits: tuple[str, ...] = SPLITS,
+                 report=None) -> dict[str, SplitCheck]:
+    """Read every token shard once (before training) and check each sample against the
+    manifest: ids of ``text_seq_len`` within the vocabulary, ``fmap*fmap`` codes within the
+    codebook, whole tars. Bad samples are reported (``report(message)``, default a warning
+    naming shard and key) and left out by the readers; more than ``max_bad_fraction`` of a
+    split bad is an error. Returns the good counts that :class:`TokenBatches` takes."""
+    from kodalle_cli.errors import warn
+
+    report = report or warn
+    root = Path(root)
+    manifest = read_manifest(root)
+    checks = {}
+    for split in splits:
+        listed = manifest["splits"].get(split, {"shards": []})["shards"]
+        counts, bad = {}, []
+        for entry in listed:
+            good, wrong = good_samples(root / entry["name"], manifest,
+                                       expected=int(entry["count"]),
+                                       num_text_tokens=num_text_tokens)
+            counts[entry["name"]] = len(good)
+            bad.extend(wrong)
+        check = SplitCheck(counts, sum(int(e["count"]) for e in listed), bad)
+        checks[split] = check
+        shown = 20
+        for b in bad[:shown]:
+            report(f"{root / b.shard}{': ' + b.key if b.key else ''}: {b.reason}; skipped")
+        if len(bad) > shown:
+            report(f"{len(bad) - shown} more bad {split} samples in {root}; skipped")
+        if bad and len(bad) > max_bad_fraction * max(check.listed, 1):
+            raise KodalleError(
+                f"{len(bad)} of {check.listed} {split} samples in {root} are bad (more than "
+                f"--max-bad-fraction {max_bad_fraction:g}; first: {bad[0].shard}"
+                f"{' ' + bad[0].key if bad[0].key else ''}: {bad[0].reason}): re-run "
+                "`kodalle tokenize`, or allow more with --max-bad-fraction"
+            )
+    return checks
+
+
+def check_vqgan(manifest: dict, vqgan, where: str | Path, what: str = "the VQGAN") -> None:
+    """Refuse token shards that ``vqgan`` cannot decode: another codebook size or grid, or
+    (when the manifest records one) another VQGAN's identity."""
+    recorded = manifest.get("vqgan") or {}
+    if manifest["num_image_tokens"] > vqgan.num_tokens or (
+            manifest["image_fmap_size"] != vqgan.fmap_size):
+        raise KodalleError(
+            f"the token shards in {where} hold codes of a {manifest['num_image_tokens']}-entry "
+            f"codebook on a {manifest['image_fmap_size']}x{manifest['image_fmap_size']} grid, "
+            f"{what} has {vqgan.num_tokens} entries and a {vqgan.fmap_size}x"
+            f"{vqgan.fmap_size} grid: re-run `kodalle tokenize` with it"
+        )
+    if recorded.get("hash") and recorded["hash"] != vqgan.identity():
+        raise KodalleError(
+            f"the token shards in {where} were made with another VQGAN than {what}: re-run "
+            "`kodalle tokenize` with it, or train with the VQGAN the shards name"
+        )
 
 
 @dataclass
@@ -297,6 +549,10 @@ class TokenBatches(torch.utils.data.IterableDataset):
     batches and the ``DataLoader`` (``batch_size=None``) takes them round-robin, so the
     position of a rank is only ``start_batch``, the number of batches it has consumed:
     resuming skips exactly those, cheaply (whole epochs and shards by count).
+
+    Samples that do not fit the manifest (see :func:`good_samples`) are left out: pass
+    ``counts``, the good samples per shard from :func:`check_shards`, so that positions
+    count good samples only (without it, a shard must hold what the manifest says).
     """
 
     def __init__(
@@ -310,12 +566,17 @@ class TokenBatches(torch.utils.data.IterableDataset):
         world_size: int = 1,
         start_batch: int = 0,
         shuffle: bool = True,
+        counts: dict[str, int] | None = None,
+        num_text_tokens: int | None = None,
     ):
         super().__init__()
         self.root = Path(root)
         self.manifest = read_manifest(root)
         info = self.manifest["splits"].get(split, {"shards": []})
-        self.shards = [_Shard(self.root / s["name"], int(s["count"])) for s in info["shards"]]
+        counts = counts or {}
+        self.shards = [_Shard(self.root / s["name"], int(counts.get(s["name"], s["count"])))
+                       for s in info["shards"]]
+        self.num_text_tokens = num_text_tokens
         self.shards = [s for s in self.shards if s.count > 0]
         if not self.shards:
             raise KodalleError(f"{root}: no {split} samples")
@@ -371,11 +632,13 @@ class TokenBatches(torch.utils.data.IterableDataset):
                 if skip >= len(positions):
                     skip -= len(positions)
                     continue
-                samples = read_shard(self.shards[shard].path)
+                samples, _ = good_samples(self.shards[shard].path, self.manifest,
+                                          num_text_tokens=self.num_text_tokens)
                 if len(samples) != self.shards[shard].count:
                     raise KodalleError(
-                        f"{self.shards[shard].path} has {len(samples)} samples, the manifest "
-                        f"says {self.shards[shard].count}"
+                        f"{self.shards[shard].path} has {len(samples)} good samples, "
+                        f"{self.shards[shard].count} were expected: it changed since it was "
+                        "checked, or it is damaged (train checks the shards first)"
                     )
                 order = self._sample_order(epoch, shard)
                 for i in positions[skip:]:
@@ -386,6 +649,8 @@ class TokenBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if info is not None:  # Ctrl-C reaches the whole process group: the trainer decides
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         # The DataLoader takes batch j of this iteration from worker j % workers, so batch
         # i = start_batch + j of the rank comes from stream i % workers: worker w plays
         # stream (w + start_batch) % workers, which has already given `done` batches.
@@ -401,12 +666,15 @@ class TokenBatches(torch.utils.data.IterableDataset):
             }
 
 
-def iter_split(root: str | Path, split: str = "val", limit: int | None = None):
-    """The samples of a split in file order (for validation and fixed sample captions)."""
+def iter_split(root: str | Path, split: str = "val", limit: int | None = None,
+               num_text_tokens: int | None = None):
+    """The good samples of a split in file order (for validation and fixed sample captions);
+    bad ones (see :func:`check_shards`, which reports them) are left out."""
     manifest = read_manifest(root)
     n = 0
     for shard in manifest["splits"].get(split, {"shards": []})["shards"]:
-        for sample in read_shard(Path(root) / shard["name"]):
+        for sample in good_samples(Path(root) / shard["name"], manifest,
+                                   num_text_tokens=num_text_tokens)[0]:
             if limit is not None and n >= limit:
                 return
             yield sample

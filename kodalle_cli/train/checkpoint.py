@@ -14,11 +14,18 @@ A checkpoint (``OUT/checkpoints/step-N``, named by :mod:`kodalle_cli.runs`) hold
 Exact resume: with all of it restored, a run killed and resumed on the CPU reaches bitwise
 the weights of an uninterrupted run. A checkpoint is written to ``checkpoints/.tmp-step-N``
 and renamed when complete; ``latest`` is replaced atomically after it, so a kill at any
-moment leaves the previous checkpoint usable.
+moment leaves the previous checkpoint usable. A write that fails (a full disk) removes its
+temporary directory and says so in one line; old checkpoints are renamed away before they
+are deleted, so no half checkpoint ever carries a ``step-N`` name.
+
+Resuming with other settings: :func:`refuse_changed_settings` lists what differs from the
+settings the run recorded (each command names the settings that may change).
 
 Test hooks (environment, see :func:`kill_hook`): ``KODALLE_TEST_KILL_AT_STEP=N`` SIGKILLs
 the process after step N (before its checkpoint); ``KODALLE_TEST_KILL_IN_SAVE=N`` SIGKILLs
-it half-way through writing the checkpoint of step N.
+it half-way through writing the checkpoint of step N; ``KODALLE_TEST_KILL_IN_TOKENIZE=
+SHARD:N`` SIGKILLs ``kodalle tokenize`` after N samples of SHARD. A process group leader
+takes its group (data-loader workers) with it.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from kodalle_cli.atomic import write_text_atomic
-from kodalle_cli.runs import CKPT_DIR, LATEST, checkpoint_name
+from kodalle_cli.atomic import disk_full_error, is_disk_full, write_text_atomic
+from kodalle_cli.errors import KodalleError
+from kodalle_cli.runs import CKPT_DIR, LATEST, checkpoint_name, latest_checkpoint
 from kodalle_cli.train.dist import Dist, unwrap
 
 if TYPE_CHECKING:
@@ -78,9 +86,13 @@ def _listify(x):
     return [_listify(v) for v in x] if isinstance(x, tuple | list) else x
 
 
-def kill_hook(name: str, step: int) -> None:
-    """SIGKILL this process if the environment variable ``name`` is ``step`` (tests)."""
+def kill_hook(name: str, step: int | str) -> None:
+    """SIGKILL this process if the environment variable ``name`` is ``step`` (tests). A
+    process that leads its process group (a command started from a shell, or a test's
+    subprocess in its own session) kills the whole group, data-loader workers included."""
     if os.environ.get(name) == str(step):
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -95,7 +107,10 @@ def save_checkpoint(out: Path, task: Task, optimizer, scaler: torch.amp.GradScal
                     state: dict, dist: Dist, keep_last: int) -> Path | None:
     """Gather every rank's RNG states; on rank 0 write checkpoints/step-N (``state["step"]``)
     atomically, point ``latest`` at it and keep the newest ``keep_last``. All ranks wait for
-    it; returns the checkpoint on rank 0, None on the others."""
+    it; returns the checkpoint on rank 0, None on the others.
+
+    A failed write (a full disk: one line saying so) leaves nothing of it behind; the
+    previous checkpoint and ``latest`` are untouched."""
     rngs = dist.gather(rng_state())
     path = _write(out, task, optimizer, scaler, state, rngs, keep_last) if dist.main else None
     dist.barrier()
@@ -104,14 +119,46 @@ def save_checkpoint(out: Path, task: Task, optimizer, scaler: torch.amp.GradScal
 
 def _write(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state: dict,
            rngs: list, keep_last: int) -> Path:
-    from safetensors.torch import save_file
-
     ckpts = out / CKPT_DIR
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / checkpoint_name(state["step"])
     tmp = ckpts / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write_files(tmp, task, optimizer, scaler, state, rngs)
+    except BaseException as exc:  # a full disk, a second Ctrl-C: nothing partial stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            previous = latest_checkpoint(out)
+            intact = (f"the previous checkpoint {previous.name} and `latest` are intact"
+                      if previous is not None else "there is no earlier checkpoint")
+            raise disk_full_error(f"checkpoint {final.name}", ckpts,
+                                  f"{intact}; free space and run the same command to resume"
+                                  ) from None
+        raise
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it, never
+        old = ckpts / f".tmp-old-{final.name}"  # leaving a half-deleted one under its name
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    write_text_atomic(out / LATEST, f"{CKPT_DIR}/{final.name}")
+    if keep_last > 0:
+        done = sorted(p for p in ckpts.glob("step-*") if p.is_dir())
+        for old in done[:-keep_last]:
+            gone = ckpts / f".tmp-del-{old.name}"  # renamed first: never half a checkpoint
+            os.replace(old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state: dict,
+                 rngs: list) -> None:
+    from safetensors.torch import save_file
+
     model = unwrap(task.model)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(state["step"])})
@@ -122,15 +169,47 @@ def _write(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state
     torch.save({"ranks": rngs, "scaler": scaler_state}, tmp / RNG)
     task.save_extra(tmp)
     (tmp / STATE).write_text(json.dumps(state, indent=2))
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(out / LATEST, f"{CKPT_DIR}/{final.name}")
-    if keep_last > 0:
-        done = sorted(p for p in ckpts.glob("step-*") if p.is_dir())
-        for old in done[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+# ---- settings a resumed run may change -------------------------------------------------------
+def changed_settings(saved: dict, current: dict, defaults: dict,
+                     may_change: tuple[str, ...]) -> list[str]:
+    """``"--name OLD (now NEW)"`` for each setting of ``current`` that differs from the run's
+    ``saved`` ones, except ``may_change``. A setting the saved run does not record (added
+    later) counts as its default."""
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    diff = []
+    for name, value in current.items():
+        if name in may_change:
+            continue
+        before = saved.get(name, defaults.get(name))
+        if plain(before) != plain(value):
+            diff.append(f"{_flag(name)} {_shown(plain(before))} (now {_shown(plain(value))})")
+    return diff
+
+
+def refuse_changed_settings(out: Path, saved: dict, current: dict, defaults: dict,
+                            may_change: tuple[str, ...]) -> None:
+    """One error listing what differs from the run in ``out``, and what may change."""
+    diff = changed_settings(saved, current, defaults, may_change)
+    if diff:
+        allowed = ", ".join(_flag(n) for n in may_change)
+        raise KodalleError(
+            f"{out} holds a run with other settings: {'; '.join(diff)}. Resuming may change "
+            f"only {allowed}; use another --out for a new run"
+        )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
 
 
 # ---- reading ---------------------------------------------------------------------------------

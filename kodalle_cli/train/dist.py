@@ -39,6 +39,15 @@ class Dist:
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` is true on any rank (every rank gets the same answer: e.g. a
+        Ctrl-C that reached only some ranks stops all of them after the same step)."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
     def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` averaged over the ranks, in place."""
         if self.enabled:

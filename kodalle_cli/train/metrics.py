@@ -20,14 +20,17 @@ class Metrics:
             return
         rows = []
         if resume_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            rows = [raw for raw, r in _rows(path) if r["step"] <= resume_step]
         tmp = path.with_name(f".tmp-{path.name}")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, METRIC_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled or not values:
@@ -40,7 +43,19 @@ class Metrics:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.csv as dicts (``step`` an int, ``value`` a float)."""
+    """The rows of a metrics.csv as dicts (``step`` an int, ``value`` a float); a row cut
+    short (a process killed, or a full disk, while appending it) is left out."""
+    return [r for _, r in _rows(path)]
+
+
+def _rows(path: Path) -> list[tuple[dict, dict]]:
+    """(the row as written, the row parsed) for each whole row."""
+    rows = []
     with open(path, newline="") as f:
-        return [{**r, "step": int(r["step"]), "value": float(r["value"])}
-                for r in csv.DictReader(f)]
+        for raw in csv.DictReader(f):
+            try:
+                rows.append((raw, {**raw, "step": int(raw["step"]),
+                                   "value": float(raw["value"])}))
+            except (TypeError, ValueError):
+                continue
+    return rows

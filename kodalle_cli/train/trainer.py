@@ -38,12 +38,18 @@ The Task interface (subclass :class:`Task`; only the first four are required)::
                                           (e.g. that second optimizer); load_extra is called
                                           on resume, after the weights and the optimizer
     task.epoch_samples                    samples per epoch (for --epochs), or None
+    task.data_metrics                     {name: number} about the data (bad samples skipped),
+                                          written to metrics.csv (split "data", step 0)
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,10 +58,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kodalle_cli.atomic import disk_full_error, is_disk_full
 from kodalle_cli.device import autocast, pick_device, pick_dtype
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.progress import progress_bar
-from kodalle_cli.runs import CKPT_DIR, METRICS, SAMPLES_DIR, latest_checkpoint
+from kodalle_cli.runs import CKPT_DIR, METRICS, SAMPLES_DIR, latest_checkpoint, run_lock
 from kodalle_cli.train.checkpoint import (
     kill_hook,
     load_optimizer,
@@ -75,6 +82,7 @@ class Task:
 
     model: nn.Module
     epoch_samples: int | None = None
+    data_metrics: dict = {}  # {name: number} about the data, e.g. bad samples skipped
 
     def train_batches(self, start: int, rank: int, world_size: int) -> Iterator:
         raise NotImplementedError
@@ -178,10 +186,28 @@ def lr_at(step: int, cfg: TrainerConfig, max_steps: int) -> float:
 
 
 # ---- the loop --------------------------------------------------------------------------------
+class TrainingInterrupted(KodalleError):
+    """Ctrl-C: the step finished and a checkpoint was written; the message says how to resume
+    (exit status 130, as for any interrupted command)."""
+
+    exit_code = 130
+
+
 def train(task: Task, cfg: TrainerConfig, dist: Dist | None = None,
           device: torch.device | None = None) -> TrainResult:
-    """Train ``task`` to ``cfg.max_steps`` (or ``cfg.epochs``), resuming from ``cfg.out``."""
+    """Train ``task`` to ``cfg.max_steps`` (or ``cfg.epochs``), resuming from ``cfg.out``.
+
+    While it runs, ``OUT/lock`` names this process (a second run on ``out`` is refused) and
+    Ctrl-C finishes the step, writes a checkpoint and raises :class:`TrainingInterrupted`
+    (a second Ctrl-C raises ``KeyboardInterrupt`` at once; the last complete checkpoint
+    stays). The previous SIGINT handler is restored when it returns."""
     dist = dist or Dist()
+    with run_lock(cfg.out, dist.main), _Interrupts() as interrupts:
+        return _train(task, cfg, dist, device, interrupts)
+
+
+def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | None,
+           interrupts: _Interrupts) -> TrainResult:
     device = device or pick_device(cfg.device)
     cfg.device_type = device.type
     dtype = pick_dtype(cfg.precision, device)
@@ -218,46 +244,103 @@ def train(task: Task, cfg: TrainerConfig, dist: Dist | None = None,
                optimizer, amp, scaler,
                Metrics(out / METRICS, dist.main, step if ckpt is not None else None))
     bad_in_row, last_loss, saved_ckpt = 0, None, ckpt
+    saved_step = step if ckpt is not None else None
     history: list[dict] = []
     speed = _Throughput()
-    if ckpt is None and dist.main and cfg.eval_every > 0:  # the baseline: step 0
-        run.evaluate(0)
-    with progress_bar("{task.fields[info]}", title="[bold]train",
-                      enabled=cfg.progress and dist.main) as bar:
-        bar_task = bar.add_task("train", total=max_steps, completed=step, info="")
-        while step < max_steps:
-            lr = run.set_lr(step)
-            done = run.forward_backward(batches)
-            run.optimizer_step(done.finite)
-            step += 1
-            extra = task.after_step(model, step, optimizer) if done.finite else None
-            speed.count(done.samples * dist.world_size, done.tokens * dist.world_size)
-            if done.finite:
-                bad_in_row = 0
-                last_loss = done.loss
-                entry = {"step": step, "loss": done.loss, "lr": lr, **done.parts,
-                         **{k: float(v) for k, v in (extra or {}).items()}}
-                history.append(entry)
-                if step % cfg.log_every == 0 or step == max_steps or step == 1:
-                    sps, tps = run.log(entry, done.grad_norm, speed)
-                    bar.update(bar_task, info=f"loss {done.loss:.4f}  lr {lr:.2e}  "
-                                              f"{sps:.1f} samples/s  {tps:.0f} tok/s")
-            else:
-                bad_in_row += 1
-                state["bad_steps_total"] += 1
-                _skipped(step, bad_in_row, cfg, dist, saved_ckpt)
-            bar.update(bar_task, completed=step)
+    try:
+        if ckpt is None and dist.main:
+            run.metrics.write(0, "data", task.data_metrics)
+            if cfg.eval_every > 0:  # the baseline: step 0
+                run.evaluate(0)
+        with progress_bar("{task.fields[info]}", title="[bold]train",
+                          enabled=cfg.progress and dist.main) as bar:
+            bar_task = bar.add_task("train", total=max_steps, completed=step, info="")
+            while step < max_steps:
+                lr = run.set_lr(step)
+                done = run.forward_backward(batches)
+                run.optimizer_step(done.finite)
+                step += 1
+                extra = task.after_step(model, step, optimizer) if done.finite else None
+                speed.count(done.samples * dist.world_size, done.tokens * dist.world_size)
+                if done.finite:
+                    bad_in_row = 0
+                    last_loss = done.loss
+                    entry = {"step": step, "loss": done.loss, "lr": lr, **done.parts,
+                             **{k: float(v) for k, v in (extra or {}).items()}}
+                    history.append(entry)
+                    if step % cfg.log_every == 0 or step == max_steps or step == 1:
+                        sps, tps = run.log(entry, done.grad_norm, speed)
+                        bar.update(bar_task, info=f"loss {done.loss:.4f}  lr {lr:.2e}  "
+                                                  f"{sps:.1f} samples/s  {tps:.0f} tok/s")
+                else:
+                    bad_in_row += 1
+                    state["bad_steps_total"] += 1
+                    _skipped(step, bad_in_row, cfg, dist, saved_ckpt)
+                bar.update(bar_task, completed=step)
 
-            kill_hook("KODALLE_TEST_KILL_AT_STEP", step)
-            if dist.main and cfg.eval_every > 0 and (step % cfg.eval_every == 0
-                                                     or step == max_steps):
-                run.evaluate(step)
-            if dist.main and cfg.sample_every > 0 and step % cfg.sample_every == 0:
-                run.sample(step)
-            if step % cfg.save_every == 0 or step == max_steps:
-                saved_ckpt = run.save(state, step) or saved_ckpt
+                kill_hook("KODALLE_TEST_KILL_AT_STEP", step)
+                if dist.main and cfg.eval_every > 0 and (step % cfg.eval_every == 0
+                                                         or step == max_steps):
+                    run.evaluate(step)
+                if dist.main and cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                    run.sample(step)
+                if step % cfg.save_every == 0 or step == max_steps:
+                    saved_ckpt, saved_step = run.save(state, step) or saved_ckpt, step
+                # Ctrl-C: every rank stops after the same step, with its checkpoint
+                if step < max_steps and dist.any(interrupts.requested, device):
+                    if saved_step != step:
+                        saved_ckpt, saved_step = run.save(state, step) or saved_ckpt, step
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}: checkpoint "
+                        f"{saved_ckpt if saved_ckpt is not None else 'written'}; run the same "
+                        "command again to resume")
+    except KodalleError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            intact = (f"the last checkpoint {saved_ckpt} is intact" if saved_ckpt is not None
+                      else "no checkpoint yet")
+            raise disk_full_error(
+                "the run", out, f"{intact}; free space and run the same command to resume"
+            ) from None
+        raise
     return TrainResult(step=step, last_loss=last_loss, checkpoint=saved_ckpt,
                        bad_steps=state["bad_steps_total"], history=history)
+
+
+class _Interrupts:
+    """SIGINT while :func:`train` runs: the first sets ``requested`` (the loop finishes the
+    step, saves and stops), the second raises ``KeyboardInterrupt`` at once. In processes
+    forked from the trainer (data-loader workers) it does nothing: the trainer stops them.
+    Installed only from the main thread; the previous handler is restored on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._pid = os.getpid()
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop "
+              "now, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            previous = self._previous
+            signal.signal(signal.SIGINT,
+                          previous if previous is not None else signal.default_int_handler)
 
 
 # ---- the loop's steps ------------------------------------------------------------------------

@@ -30,14 +30,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from kodalle_cli.atomic import jsonable, write_json_atomic
 from kodalle_cli.errors import KodalleError, UsageError
-from kodalle_cli.runs import latest_checkpoint
+from kodalle_cli.runs import latest_checkpoint, run_lock
 from kodalle_cli.train.trainer import Task, TrainerConfig, train
 from kodalle_cli.vqgan.io import save_taming_checkpoint, save_vqgan
 from kodalle_cli.vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
@@ -66,6 +66,7 @@ class VQGANTrainConfig:
     seed: int = 0
     device: str = "auto"
     restart_after: int = 50  # steps a code may go unused before it is restarted
+    max_bad_fraction: float = 0.01  # unreadable images skipped; more than this share: stop
     l2_codes: bool = False  # compare features and codes on the unit sphere (ViT-VQGAN)
     log_every: int = 10
     save_every: int = 1000
@@ -113,23 +114,38 @@ RECIPES: dict[str, dict] = {
 
 # ---- data ------------------------------------------------------------------------------------
 def image_batches(data, batch_size: int, resolution: int, seed: int = 0, split: str = "train",
-                  start: int = 0):
+                  start: int = 0, state: ImageStream | None = None):
     """Endless batches ``[B, 3, R, R]`` in [-1, 1] from image shards (shards shuffled, random
     horizontal flips), positioned after ``start`` batches: batch ``i`` is the same whether
-    the iterator started at 0 or at ``i`` (skipped samples are not decoded)."""
+    the iterator started at 0 or at ``i`` (skipped samples are not decoded).
+
+    Unreadable images and damaged tars are skipped, with a warning naming shard and key the
+    first time; ``state`` counts them and the samples read (a resume starts after
+    ``state.consumed`` of them, so skips do not shift it), and stops the run when more
+    than ``state.max_bad_fraction`` of the images are bad."""
     from PIL import Image
 
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
 
+    state = state or ImageStream()
+    state.expected = _listed_samples(data, split)
     samples = iter_image_samples(data, split, decode=False, shuffle_shards=True, seed=seed,
-                                 repeat=True)
-    for _ in range(start * batch_size):
+                                 repeat=True, on_bad=state.bad_sample)
+    skip = state.consumed if state.consumed is not None else start * batch_size
+    for _ in range(skip):
         next(samples)
+    state.consumed = skip
     index, batch = start, []
     for sample in samples:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            batch.append(im.convert("RGB"))
+        state.consumed += 1
+        try:
+            with Image.open(io.BytesIO(sample.image)) as im:
+                batch.append(im.convert("RGB"))
+        except Exception as exc:  # PIL: bad or truncated image bytes
+            state.bad_sample(sample.shard, sample.key,
+                             f"unreadable image ({type(exc).__name__}: {exc})")
+            continue
         if len(batch) == batch_size:
             x = to_tensor(batch, size=resolution).mul_(2).sub_(1)
             g = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -146,12 +162,63 @@ def fixed_images(data, n: int, resolution: int) -> torch.Tensor:
 
     for split in ("val", "train"):
         try:
-            images = [s.image for s in iter_image_samples(data, split, limit=n)]
+            images = [s.image for s in iter_image_samples(data, split, limit=n,
+                                                          on_bad=_skip_quietly)]
         except KodalleError:
             continue
         if images:
             return to_tensor(images, size=resolution)
     raise KodalleError(f"no images in {data}")
+
+
+@dataclass
+class ImageStream:
+    """Where :func:`image_batches` is in the stream of samples, and the bad ones it skipped
+    (saved with each checkpoint: a resume continues at ``consumed`` samples)."""
+
+    consumed: int | None = None  # samples read through the last batch yielded
+    bad: list = field(default_factory=list)  # "shard: key: reason", each once
+    max_bad_fraction: float = 0.01
+    expected: int | None = None  # samples the shards hold, when their stats say
+
+    def bad_sample(self, shard: str, key: str, reason: str) -> None:
+        from kodalle_cli.errors import warn
+
+        line = f"{shard}{': ' + key if key else ''}: {reason}"
+        if line in self.bad:
+            return  # seen in an earlier pass
+        self.bad.append(line)
+        warn(f"{line}; skipped")
+        seen = self.expected or max(self.consumed or 0, 100)
+        if len(self.bad) > self.max_bad_fraction * seen:
+            raise KodalleError(
+                f"{len(self.bad)} bad images in {seen if self.expected else 'the first'} "
+                f"samples of {Path(shard).parent} (more than --max-bad-fraction "
+                f"{self.max_bad_fraction:g}): repair or re-run `kodalle prepare`"
+            )
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "bad": list(self.bad)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed, self.bad = state.get("consumed"), list(state.get("bad", []))
+
+
+def _listed_samples(data, split: str) -> int | None:
+    """The samples `kodalle prepare` wrote to the shards of ``split`` (their stats files)."""
+    from kodalle_cli.data.shards import shard_paths, stats_path
+
+    total = 0
+    try:
+        for path in shard_paths(data, split):
+            total += int(json.loads(stats_path(path).read_text(encoding="utf-8"))["samples"])
+    except (OSError, ValueError, KeyError, TypeError, KodalleError):
+        return None
+    return total
+
+
+def _skip_quietly(shard: str, key: str, reason: str) -> None:
+    """Bad images among the fixed validation ones: left out (training reports its own)."""
 
 
 # ---- codebook usage --------------------------------------------------------------------------
@@ -261,10 +328,11 @@ class VQGANTask(Task):
         self.step = 0
         self._last = None  # (x, xrec, features) of the step in progress
         self._val = None
+        self.stream = ImageStream(max_bad_fraction=cfg.max_bad_fraction)
 
     def train_batches(self, start, rank, world_size):
         return image_batches(self.cfg.data, self.cfg.batch_size, self.cfg.resolution,
-                             seed=self.cfg.seed, start=start)
+                             seed=self.cfg.seed, start=start, state=self.stream)
 
     def batch_size(self, batch):
         return batch.shape[0]
@@ -283,6 +351,7 @@ class VQGANTask(Task):
         last_layer = self.model.decoder.conv_out.weight
         loss, logs = self.loss_fn.generator_loss(batch, xrec, qloss, self.step, last_layer)
         logs.update(self.monitor.update(codes, self.step + 1))
+        logs["skipped_images"] = float(len(self.stream.bad))
         self._last = (batch, xrec.detach(), features.detach())
         return loss, logs
 
@@ -314,6 +383,7 @@ class VQGANTask(Task):
 
     def save_extra(self, ckpt_dir):
         torch.save(self.monitor.state_dict(), ckpt_dir / "codebook.pt")
+        (ckpt_dir / "data.json").write_text(json.dumps(self.stream.state_dict()))
         if self.opt_d is not None:
             from safetensors.torch import save_file
 
@@ -327,6 +397,8 @@ class VQGANTask(Task):
         self.step = json.loads((ckpt_dir / "trainer_state.json").read_text())["step"]
         self.monitor.load_state_dict(
             torch.load(ckpt_dir / "codebook.pt", map_location=device, weights_only=True))
+        if (ckpt_dir / "data.json").is_file():  # older checkpoints: start * batch_size
+            self.stream.load_state_dict(json.loads((ckpt_dir / "data.json").read_text()))
         if self.opt_d is not None and (ckpt_dir / "discriminator.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -338,19 +410,36 @@ class VQGANTask(Task):
 
 # ---- the run ---------------------------------------------------------------------------------
 def train_vqgan(cfg: VQGANTrainConfig) -> Path:
-    """Train (or resume) and write the run directory; returns it."""
-    from kodalle_cli.device import pick_device
-
+    """Train (or resume) and write the run directory; returns it. Resuming refuses settings
+    that differ from the run's but for :data:`VQGAN_RESUME_MAY_CHANGE`."""
     if cfg.batch_size < 1 or cfg.max_steps < 1:
         raise UsageError("--batch-size and --max-steps must be at least 1")
     out = Path(cfg.out)
     architecture = cfg.model_config().architecture()
+    with run_lock(out):  # one run per directory (OUT/lock names its pid)
+        return _train_vqgan(cfg, out, architecture)
+
+
+# What a resumed `train vqgan` may change; any other setting that differs is refused.
+VQGAN_RESUME_MAY_CHANGE = ("max_steps", "save_every", "keep_last", "log_every",
+                           "max_bad_fraction", "device", "progress", "resume", "out", "data")
+
+
+def _train_vqgan(cfg: VQGANTrainConfig, out: Path, architecture: dict) -> Path:
+    from kodalle_cli.device import pick_device
+    from kodalle_cli.train.checkpoint import refuse_changed_settings
+
     saved = out / "train_config.json"
     if latest_checkpoint(out) is not None and saved.is_file():
-        before = json.loads(saved.read_text(encoding="utf-8")).get("architecture")
-        if before is not None and before != architecture:
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        if before.get("architecture") not in (None, architecture):
             raise KodalleError(f"{out} holds a run of another VQGAN architecture: "
                                "use another --out")
+        before.pop("architecture", None)
+        defaults = {f.name: f.default for f in fields(VQGANTrainConfig)
+                    if f.default is not MISSING}
+        refuse_changed_settings(out, before, jsonable(asdict(cfg)), defaults,
+                                VQGAN_RESUME_MAY_CHANGE)
     if cfg.lpips_weights is None:
         import warnings
 
