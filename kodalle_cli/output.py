@@ -6,6 +6,9 @@
     OUT/<caption-slug>/grid.png       all of them in a near-square grid
     OUT/<caption-slug>/codes.npy      int32 [n, image_seq_len] VQGAN codes, in image order
     OUT/<caption-slug>/metadata.json  caption, token ids, seed, settings, checkpoint, scores
+    OUT/<caption-slug>/prompt.png     with --init-image: the image prompt (at the VQGAN's
+                                      size); metadata.json's ``init_image`` says which code
+                                      rows were kept, and the grid shows it on the left
 
 Each folder is written under a temporary name and renamed when complete, so an interrupted
 call leaves nothing half-written. Also here: slugs (folder names from captions), tensors to
@@ -20,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,7 @@ class CaptionResult:
     metadata: dict
     directory: Path | None = None
     codes: torch.Tensor | None = None  # [n, image_seq_len]
+    prompt: Image.Image | None = None  # --init-image: the prompt as the VQGAN saw it
 
 
 # ---- folder names ----------------------------------------------------------------------------
@@ -70,6 +75,15 @@ def slugify(caption: str, max_chars: int = SLUG_MAX_CHARS) -> str:
     if slug in _RESERVED:
         slug += "-caption"
     return slug or "caption"
+
+
+def printable(text: str, limit: int | None = 60) -> str:
+    """``text`` safe to show on a terminal, on one line: control and format characters
+    (escape sequences, newlines, bidi overrides) appear as ``\\x1b``-style escapes, and it
+    is cut to ``limit`` characters (``…`` after). For messages; files keep the text."""
+    cut = text if limit is None or len(text) <= limit else text[:limit] + "…"
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c)[0] == "C" else c for c in cut)
 
 
 def unique_slugs(captions: Sequence[str], out: Path | None) -> list[str]:
@@ -114,14 +128,51 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: in
     return grid
 
 
+def prompt_tile(prompt: Image.Image, kept_tokens: int, fmap_size: int) -> Image.Image:
+    """The image prompt as the grid shows it: the kept code rows as they are, the rest
+    faded (what was drawn anew), a red line where drawing started."""
+    from PIL import ImageDraw
+
+    w, h = prompt.size
+    rows, partial = divmod(kept_tokens, fmap_size)
+    cell_w, cell_h = w / fmap_size, h / fmap_size
+    faded = Image.blend(prompt.convert("RGB"), Image.new("RGB", prompt.size, "white"), 0.75)
+    keep = Image.new("L", prompt.size, 0)
+    draw = ImageDraw.Draw(keep)
+    draw.rectangle((0, 0, w, round(rows * cell_h) - 1), fill=255)
+    if partial:  # --init-tokens that end inside a row
+        draw.rectangle((0, round(rows * cell_h), round(partial * cell_w) - 1,
+                        round((rows + 1) * cell_h) - 1), fill=255)
+    tile = Image.composite(prompt.convert("RGB"), faded, keep)
+    line = ImageDraw.Draw(tile)
+    y = round((rows + (1 if partial else 0)) * cell_h)
+    line.line((0, min(y, h - 1), w, min(y, h - 1)), fill=(220, 30, 35), width=1)
+    return tile
+
+
+def beside(left: Image.Image, right: Image.Image, pad: int = 2) -> Image.Image:
+    """``left`` (top-aligned) and ``right`` side by side on white, ``pad`` pixels apart."""
+    grid = Image.new("RGB", (left.width + right.width + pad, max(left.height, right.height)),
+                     "white")
+    grid.paste(left, (0, 0))
+    grid.paste(right, (left.width + pad, 0))
+    return grid
+
+
 # ---- metadata.json ---------------------------------------------------------------------------
 def caption_metadata(encoded, caption_index: int, text_seq_len: int, seed: int,
                      settings: dict, checkpoint: str, run_info: dict, seconds: float,
-                     order: Sequence[int], scores: list[float] | None) -> dict:
+                     order: Sequence[int], scores: list[float] | None,
+                     logprobs: Sequence[float] | None = None, ranked_by: str | None = None,
+                     init_image: dict | None = None) -> dict:
     """metadata.json of one caption. ``encoded``: its
     :class:`~kodalle_cli.text.EncodedCaption`; ``settings``: how the call sampled;
     ``order``: image indices as written (best first when reranked); ``scores``: every
-    image's rerank score in generation order (None without a reranker)."""
+    image's rerank score in generation order (None without a reranker); ``logprobs``:
+    every image's mean code log-probability under the model (generation order);
+    ``ranked_by``: "rerank" or "perplexity" when ``order`` is best first; ``init_image``:
+    the image prompt (source, kept rows and codes)."""
+    ranked = ranked_by is not None
     return {
         "caption": encoded.caption,
         "caption_index": caption_index,
@@ -138,10 +189,15 @@ def caption_metadata(encoded, caption_index: int, text_seq_len: int, seed: int,
         "seconds_all_captions": round(seconds, 3),
         "images": [
             {"file": f"{rank:04d}.png", "image_index": i,
-             **({"rerank_score": scores[i], "rank": rank} if scores is not None else {})}
+             **({"rerank_score": scores[i]} if scores is not None else {}),
+             **({"mean_logprob": logprobs[i]} if logprobs is not None else {}),
+             **({"rank": rank} if ranked or scores is not None else {})}
             for rank, i in enumerate(order)
         ],
         **({"rerank_scores": scores} if scores is not None else {}),
+        **({"mean_logprobs": list(logprobs)} if logprobs is not None else {}),
+        **({"ranked_by": ranked_by} if ranked else {}),
+        **({"init_image": init_image} if init_image is not None else {}),
     }
 
 
@@ -155,7 +211,15 @@ def write_caption_dir(directory: Path, result: CaptionResult) -> Path:
     try:
         for img, info in zip(result.images, result.metadata["images"], strict=True):
             img.save(tmp / info["file"])
-        make_grid(result.images).save(tmp / "grid.png")
+        grid = make_grid(result.images)
+        init = result.metadata.get("init_image")
+        if result.prompt is not None and init:
+            result.prompt.save(tmp / init.get("file", "prompt.png"))
+            tile = prompt_tile(result.prompt, init["kept_tokens"], init["fmap_size"])
+            if tile.size != result.images[0].size:
+                tile = tile.resize(result.images[0].size)
+            grid = beside(make_grid([tile]), grid)
+        grid.save(tmp / "grid.png")
         if result.codes is not None:
             np.save(tmp / "codes.npy", result.codes.cpu().numpy().astype(np.int32))
         (tmp / "metadata.json").write_text(

@@ -84,9 +84,12 @@ def test_temperature_scales_logits():
     dict(top_k=-1), dict(top_k=2.5), dict(top_p=0), dict(top_p=1.5), dict(temperature=-1),
     dict(cond_scale=-2),
 ])
-def test_bad_settings_are_usage_errors(bad):
-    with pytest.raises(UsageError):
+def test_bad_settings_are_config_errors_naming_the_setting(bad):
+    from kodalle_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
         SamplingSettings(**bad).validate()
+    assert info.value.name == next(iter(bad))
 
 
 def test_draw_follows_the_distribution_and_never_picks_filtered_tokens():
@@ -313,12 +316,12 @@ def test_truncation_and_unknown_token_warnings(tiny_run, tmp_path):
 
 
 def test_bad_options_are_clear_errors(tiny_run, tmp_path):
-    from kodalle_cli.errors import KodalleError
+    from kodalle_cli.errors import ConfigError, KodalleError
     from kodalle_cli.generate import sample
 
     with pytest.raises(UsageError, match="--keep needs --rerank"):
         sample(_config(tmp_path, keep=2), tiny_run)
-    with pytest.raises(UsageError, match="top-k"):
+    with pytest.raises(ConfigError, match="top_k=3.5"):
         sample(_config(tmp_path, top_k=3.5), tiny_run)
     with pytest.raises(KodalleError, match="no trained DALLE run"):
         sample(_config(tmp_path, runs_dir=tmp_path / "nothing"))

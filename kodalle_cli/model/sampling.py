@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kodalle_cli.errors import UsageError
+from kodalle_cli.errors import ConfigError
 
 
 @dataclass
@@ -39,18 +39,22 @@ class SamplingSettings:
     cond_scale: float = 1.0
 
     def validate(self) -> SamplingSettings:
-        if self.top_k is not None:
-            if self.top_k < 0 or (self.top_k >= 1 and self.top_k != int(self.top_k)):
-                raise UsageError(
-                    f"--top-k {self.top_k}: give a count (an integer >= 1) or a fraction in "
-                    "[0, 1) like dalle-pytorch's filter_thres (0.9 keeps the top 10%)"
-                )
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p {self.top_p}: must be in (0, 1]")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise UsageError(f"--temperature {self.temperature}: must be >= 0 (0: greedy)")
-        if self.cond_scale < 0 or not math.isfinite(self.cond_scale):
-            raise UsageError(f"--cond-scale {self.cond_scale}: must be >= 0")
+        """Itself, or :class:`~kodalle_cli.errors.ConfigError` naming the setting (the CLI
+        words it as the flag: ``--top-k -1.0: ...``, exit status 2)."""
+        top_k, top_p = self.top_k, self.top_p
+        if top_k is not None and (not math.isfinite(top_k) or top_k < 0
+                                  or (top_k >= 1 and top_k != int(top_k))):
+            raise ConfigError(
+                "top_k", top_k, "give a count (an integer >= 1) or a fraction in [0, 1) like "
+                "dalle-pytorch's filter_thres (0.9 keeps the top 10%)")
+        if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise ConfigError("top_p", top_p, "must be in (0, 1]: the share of probability "
+                              "kept (1 keeps every token)")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError("temperature", self.temperature, "must be >= 0 (0: greedy)")
+        if not math.isfinite(self.cond_scale) or self.cond_scale < 0:
+            raise ConfigError("cond_scale", self.cond_scale,
+                              "must be >= 0 (1: no guidance, 3: typical)")
         return self
 
     def to_dict(self) -> dict:
@@ -149,7 +153,9 @@ def generate_codes(
     use_cache: bool = True,
     fraction_base: int | None = None,
     progress: ProgressFn | None = None,
-) -> torch.Tensor:
+    init_codes: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+):
     """Image codes ``[B, image_seq_len]`` for caption ids ``text [B, text_seq_len]``.
 
     ``model`` is :class:`kodalle_cli.model.dalle.DALLE`. ``uniforms [B, image_seq_len]``: each
@@ -157,6 +163,13 @@ def generate_codes(
     top-k fraction counts (default: text + image logits, as dalle-pytorch does).
     ``use_cache=False`` recomputes the whole sequence at every step: the slow reference the
     tests compare the cached path with. ``progress(n)`` is called with the tokens just done.
+
+    ``init_codes [B or 1, K]``: an image prompt; the first ``K`` codes are these (kept as they
+    are, primed into the cache in one pass) and only the rest is drawn, from the same
+    per-position uniforms. ``return_logprobs``: also return each row's mean log-probability
+    ``[B]`` (float32) of the codes it drew, under the model's own conditional distribution
+    (the caption's rows, before guidance, temperature and filters): ru-dalle's perplexity
+    ranking, free since those logits are computed anyway. Kept codes do not count.
     """
     batch, steps = text.shape[0], model.image_seq_len
     cfg = model.config
@@ -167,21 +180,37 @@ def generate_codes(
     greedy = settings.temperature == 0
     codes = torch.zeros(batch, steps, dtype=torch.long, device=text.device)
     uniforms = uniforms.to(text.device)
+    kept = 0
+    if init_codes is not None:
+        kept = init_codes.shape[-1]
+        if not 0 <= kept < steps:
+            raise ValueError(f"init_codes has {kept} codes; keep fewer than {steps}")
+        codes[:, :kept] = init_codes.to(text.device, torch.long).expand(batch, kept)
+    logprob_sum = torch.zeros(batch, dtype=torch.float32, device=text.device)
 
     if use_cache:
         cache = model.new_cache(rows.shape[0], device=text.device)
-        logits = model.prefill(rows, cache)
-    for i in range(steps):
+        prompt = codes[:, :kept].repeat(2, 1) if guided else codes[:, :kept]
+        logits = model.prefill(rows, cache, prompt if kept else None)
+        if progress is not None and kept:
+            progress(batch * kept)
+    for i in range(kept, steps):
         if not use_cache:
             image = codes[:, :i].repeat(2, 1) if guided else codes[:, :i]
             logits = model(rows, image)[:, -1, cfg.num_text_logits :]
-        logits = _guided(logits.float(), batch, settings.cond_scale)
-        code = draw(filter_logits(logits, settings, fraction_base), uniforms[:, i], greedy)
+        logits = logits.float()
+        code = draw(filter_logits(_guided(logits, batch, settings.cond_scale), settings,
+                                  fraction_base), uniforms[:, i], greedy)
         codes[:, i] = code
+        if return_logprobs:
+            own = logits[:batch].log_softmax(dim=-1)
+            logprob_sum += own.gather(-1, code[:, None]).squeeze(-1)
         if use_cache and i + 1 < steps:
             logits = model.step(code.repeat(2) if guided else code, cache)
         if progress is not None:
             progress(batch)
+    if return_logprobs:
+        return codes, logprob_sum / (steps - kept)
     return codes
 
 
@@ -210,20 +239,32 @@ def generate_rows(
     device: torch.device,
     on_batch: Callable[[list[Row], torch.Tensor], None] | None = None,
     on_tokens: ProgressFn | None = None,
-) -> torch.Tensor:
+    init_codes: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+):
     """Codes ``[len(rows), image_seq_len]``; row ``r`` draws from ``(seed, caption, image)``.
 
     ``texts [num_captions, text_seq_len]``. Rows of different captions share batches.
     ``on_batch(rows, codes)`` after each batch (decode there); ``on_tokens(n)`` every step.
+    ``init_codes [1, K]``: every row starts with these codes (an image prompt);
+    ``return_logprobs``: also each row's mean log-probability ``[len(rows)]`` (see
+    :func:`generate_codes`).
     """
     steps = model.image_seq_len
-    out = []
+    out, logprobs = [], []
     for chunk in batches(list(rows), batch_size):
         text = texts[[r.caption_index for r in chunk]].to(device)
         uniforms = torch.stack([row_uniforms(seed, r.caption_index, r.image_index, steps)
                                 for r in chunk])
-        codes = generate_codes(model, text, uniforms, settings, progress=on_tokens)
+        codes = generate_codes(model, text, uniforms, settings, progress=on_tokens,
+                               init_codes=init_codes, return_logprobs=return_logprobs)
+        if return_logprobs:
+            codes, mean = codes
+            logprobs.append(mean.cpu())
         if on_batch is not None:
             on_batch(chunk, codes)
         out.append(codes.cpu())
-    return torch.cat(out) if out else torch.empty(0, steps, dtype=torch.long)
+    codes = torch.cat(out) if out else torch.empty(0, steps, dtype=torch.long)
+    if return_logprobs:
+        return codes, torch.cat(logprobs) if logprobs else torch.empty(0)
+    return codes
