@@ -24,6 +24,7 @@ from kodalle_cli.configs import (
     RerankerTrainConfig,
     SampleConfig,
     ScoreConfig,
+    ServeConfig,
     TokenizeConfig,
 )
 from kodalle_cli.errors import ConfigError, KodalleError, UsageError
@@ -231,14 +232,50 @@ def sample(
     """Generate images for captions: OUT/<caption-slug>/0000.png ..., grid.png, metadata.json.
 
     Example: kodalle sample "하의에서 색상은 블루이다. 카테고리는 스커트이다." -n 16 --seed 0
+
+    Example: kodalle sample --attr 상의.색상=레드 --attr 상의.카테고리=티셔츠 -n 16
+
+    Example: kodalle sample "상의에서 색상은 레드이다." --init-image a.jpg --init-rows 8
+
+    Example: kodalle sample "상의에서 색상은 레드이다." -n 16 --rank perplexity --keep 4
     """
     from kodalle_cli.generate import read_captions
     from kodalle_cli.generate import sample as run_sample
 
-    config = SampleConfig(captions=read_captions(captions, captions_file), **options)
+    prompted = bool(options.get("attr")) or options.get("init_image") is not None
+    config = SampleConfig(captions=read_captions(captions, captions_file,
+                                                 allow_empty=prompted), **options)
     for result in run_sample(config):
         console.print(f"{result.directory}  {len(result.images)} images  "
                       f"{result.caption[:60]}", markup=False, highlight=False)
+
+
+@app.command()
+def attributes(
+    run: Path | None = typer.Option(
+        None, help="Run or checkpoint directory (default: the newest run under runs/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the parts, attribute names and values of a run's training captions, with counts
+    (what `kodalle sample --attr PART.NAME=VALUE` accepts; K-Fashion shards only).
+
+    Example: kodalle attributes --run runs/klue-roberta-large
+    """
+    from kodalle_cli.attributes import attribute_rows, run_attributes
+
+    record = run_attributes(run)
+    if as_json:
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+        return
+    from rich.table import Column
+
+    table = Table(Column("part", no_wrap=True), Column("attribute", no_wrap=True),
+                  Column("values (count in the training captions)", overflow="fold"),
+                  title=f"{record['run']}: {record['samples']} training captions, "
+                  f"style {record['style']}")
+    for part, name, values in attribute_rows(record):
+        table.add_row(part, name, values)
+    console.print(table)
 
 
 @app.command()
@@ -272,9 +309,13 @@ def score(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     **options,
 ) -> None:
-    """FID, KID, IS, CLIP-score and R-precision of generated images.
+    """FID, KID, IS, CLIP-score and R-precision of generated images, and memorisation:
+    each image's nearest training image and the share of near-copies (closest_pairs.png).
 
     Example: kodalle score --checkpoint runs/klue-roberta-large --reranker runs/reranker
+
+    Example: kodalle score --checkpoint runs/klue-roberta-large --no-fidelity (memorisation
+    by VQGAN codes)
     """
     from kodalle_cli.score import run_score, score_table
 
@@ -284,6 +325,21 @@ def score(
         return
     console.print(score_table(result))
     console.print(f"written to {Path(result['out']) / 'score.json'}")
+
+
+@app.command()
+@options_from(ServeConfig)
+def serve(**options) -> None:
+    """Serve a local page to try a model: type a caption, watch the images arrive.
+
+    Example: kodalle serve --checkpoint demo/runs/dalle  (then open http://127.0.0.1:8000)
+    """
+    try:
+        from kodalle_cli.serve import serve as run_serve
+    except ImportError as exc:
+        raise KodalleError(f"kodalle serve needs starlette and uvicorn ({exc}): "
+                           "pip install starlette uvicorn") from exc
+    run_serve(ServeConfig(**options))
 
 
 # ---- plugins and demo ------------------------------------------------------------------------

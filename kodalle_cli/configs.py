@@ -102,9 +102,23 @@ class TokenizeConfig:
     text_seq_len: int = opt(128, "Text tokens per caption (padded/truncated).")
     out: Path | None = opt(None, "Output directory (default SHARDS/tokens).")
     batch_size: int = opt(32, "Images per VQGAN batch.")
+    max_bad_fraction: float = opt(
+        0.01, "Skip unreadable samples (warning for each); stop when more than this share "
+        "of the images is bad.")
     device: str = opt("auto", DEVICE_HELP)
     splits: tuple[str, ...] = ("train", "val")
     progress: bool = opt(True, "Show a progress bar.")
+
+
+# What `kodalle train` may change when it resumes a run (any other difference from the run's
+# config.json is refused, naming the settings): when to stop, save, log and evaluate, and
+# where and how fast it runs. --data may point elsewhere; its tokenizer and VQGAN are checked.
+TRAIN_RESUME_MAY_CHANGE = (
+    "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_batches",
+    "sample_every", "sample_captions", "log_every", "max_bad_steps", "max_bad_fraction",
+    "workers", "progress", "device", "precision", "compile", "grad_checkpointing", "resume",
+    "out", "data", "vqgan", "backbone_path",
+)
 
 
 @dataclass
@@ -152,8 +166,15 @@ class DalleTrainConfig:
     sample_every: int = opt(1000, "Preview grid every N steps (0: never).")
     sample_captions: int = opt(4, "Validation captions in each preview grid.")
     log_every: int = opt(10, "Steps between metrics.csv rows.")
-    resume: bool = opt(False, "Continue the run in --out.")
+    resume: bool = opt(
+        False, "Continue the run in --out (a run with a checkpoint continues anyway). Only "
+        "these may differ from the run's settings: " + ", ".join(
+            "--" + n.replace("_", "-") for n in TRAIN_RESUME_MAY_CHANGE
+            if n not in ("resume", "out")) + ".")
     max_bad_steps: int = opt(10, "Stop after this many non-finite losses in a row.")
+    max_bad_fraction: float = opt(
+        0.01, "Skip bad samples in the token shards (warning for each); stop when more than "
+        "this share of a split is bad.")
     device: str = opt("auto", DEVICE_HELP)
     workers: int = opt(2, "Data-loader worker processes per rank.")
     progress: bool = opt(True, "Show the progress bar.")
@@ -189,6 +210,9 @@ class RerankerTrainConfig:
     resume: bool = opt(False, "Continue the run in --out.")
 
 
+RANKINGS = ("perplexity",)  # --rank (the reranker is --rerank PATH)
+
+
 @dataclass
 class SampleConfig:
     """``kodalle sample``. ``out=None``: return images without writing."""
@@ -207,9 +231,22 @@ class SampleConfig:
         None, "Nucleus sampling: keep the top tokens whose probability reaches P.")
     temperature: float = opt(1.0, "Softmax temperature (0: greedy).")
     cond_scale: float = opt(1.0, "Classifier-free guidance scale (1: off).")
-    seed: int | None = opt(None, "Make the call reproducible.")
+    seed: int | None = opt(None, "Make the call reproducible (any integer, negative ones "
+                           "too: each gives its own images, the same every time).")
     rerank: Path | None = opt(None, "Reranker run directory.")
-    keep: int | None = opt(None, "With --rerank: keep the best K.")
+    rank: str | None = opt(
+        None, "perplexity: best first by the model's own mean log-probability of its codes "
+        "(free, no reranker). Example: --rank perplexity --keep 4")
+    keep: int | None = opt(None, "With --rerank or --rank: keep the best K.")
+    attr: list[str] | None = opt(
+        None, "Caption from attributes, PART.NAME=VALUE, repeated, built as the run's "
+        "training captions (see `kodalle attributes`). Example: --attr 상의.색상=레드 "
+        "--attr 상의.카테고리=티셔츠", metavar="<str>")
+    init_image: Path | None = opt(
+        None, "Image prompt: keep its top code rows, draw the rest (no caption: the "
+        "--cond-drop null caption). Example: --init-image a.jpg --init-rows 8")
+    init_rows: int | None = opt(None, "With --init-image: code rows kept (default: half).")
+    init_tokens: int | None = opt(None, "With --init-image: codes kept, in raster order.")
     device: str = opt("auto", DEVICE_HELP)
     precision: str = opt("auto", "auto (bf16 on GPUs that have it)|bf16|fp32")
     runs_dir: Path = Path("runs")
@@ -232,7 +269,8 @@ class SampleConfig:
         sampling settings. Any integer is a seed, negative ones included: ``--seed -1``
         gives the same images every time (other ones than ``--seed 1``)."""
         settings = self.settings()
-        if not self.captions:
+        self._validate_prompts()
+        if not self.captions and not self.attr and self.init_image is None:
             raise UsageError("give at least one caption")
         for i, caption in enumerate(self.captions, 1):
             which = f"caption {i}" if len(self.captions) > 1 else "the caption"
@@ -247,11 +285,32 @@ class SampleConfig:
             raise UsageError(f"-n {self.n}: give at least 1 image per caption")
         if self.batch_size < 1:
             raise ConfigError("batch_size", self.batch_size, "must be at least 1")
-        if self.keep is not None and self.rerank is None:
-            raise UsageError("--keep needs --rerank RERANKER")
+        if self.rank is not None and self.rank not in RANKINGS:
+            raise UsageError(f"--rank {self.rank!r}: choose {', '.join(RANKINGS)}")
+        if self.rank is not None and self.rerank is not None:
+            raise UsageError("--rank and --rerank both order the images: give one")
+        if self.keep is not None and self.rerank is None and self.rank is None:
+            raise UsageError("--keep needs --rerank RERANKER (or --rank perplexity)")
         if self.keep is not None and not 1 <= self.keep <= self.n:
             raise UsageError(f"--keep {self.keep}: must be between 1 and -n {self.n}")
         return settings
+
+    def _validate_prompts(self) -> None:
+        """--attr and --init-image: what can be checked before the run is loaded."""
+        if self.attr and self.captions:
+            raise UsageError("give captions or --attr, not both (--attr builds the caption)")
+        if self.init_image is None and (self.init_rows is not None
+                                        or self.init_tokens is not None):
+            which = "--init-rows" if self.init_rows is not None else "--init-tokens"
+            raise UsageError(f"{which} needs --init-image PATH")
+        if self.init_rows is not None and self.init_tokens is not None:
+            raise UsageError("give --init-rows or --init-tokens, not both")
+        for name in ("init_rows", "init_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, value, "keep at least 1 (and leave some to draw)")
+        if self.init_image is not None and not Path(self.init_image).is_file():
+            raise UsageError(f"--init-image {self.init_image}: no such file")
 
 
 @dataclass
@@ -274,6 +333,10 @@ class ScoreConfig:
     seed: int = opt(0, "Seed of generation.")
     device: str = opt("auto", DEVICE_HELP)
     fidelity: bool = opt(True, "FID, KID and IS (needs Inception weights).")
+    copies: bool = opt(
+        True, "Memorisation: each image's nearest training image and the share of "
+        "near-copies (closer than 99% of validation images are).")
+    copy_pool: int = opt(0, "Memorisation: training images compared (0: all).")
     progress: bool = True  # generation progress bar (on stdout: off for --json)
 
     def validate(self) -> None:
@@ -287,10 +350,36 @@ class ScoreConfig:
         if self.num_samples < least:
             raise ConfigError("num_samples", self.num_samples,
                               f"FID needs at least {MIN_FID_IMAGES} images in each set (a "
-                              f"covariance); give {MIN_FID_IMAGES} or more (the usual is 1000 or more)"
+                              f"covariance); give {MIN_FID_IMAGES} or more (1000+ is usual)"
                               if self.fidelity else "must be at least 1")
         for name in ("batch_size", "distractors"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be at least 1")
+        if self.copy_pool < 0:
+            raise ConfigError("copy_pool", self.copy_pool, "must be 0 (all) or more")
         if self.image_size is not None and self.image_size < 8:
             raise ConfigError("image_size", self.image_size, "must be at least 8 pixels")
+
+
+@dataclass
+class ServeConfig:
+    """``kodalle serve``. Per-request settings (caption, -n, seed, top-k, temperature,
+    guidance) come from the page, with :class:`SampleConfig`'s defaults."""
+
+    checkpoint: Path | None = opt(
+        None, "Run dir, checkpoint dir, or KoDALLE / dalle-pytorch .pt (default: the latest "
+        "checkpoint of the newest run under runs/).")
+    reranker: Path | None = opt(None, "Reranker run directory: rank every request's images.")
+    host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0: every network, no "
+                    "authentication).")
+    port: int = opt(8000, "Port to listen on (0: any free one).", min=0, max=65535)
+    out: Path = opt(Path("samples/serve"), "Where generated images are written (the only "
+                    "folder requests read or write).", "-o")
+    batch_size: int = opt(4, "Images per forward (smaller: the first ones show sooner).",
+                          min=1)
+    device: str = opt("auto", DEVICE_HELP)
+    precision: str = opt("auto", "auto (bf16 on GPUs that have it)|bf16|fp32")
+    backbone: str | None = opt(
+        None, "For a bare .pt: the backbone whose tokenizer it was trained with.")
+    vqgan: str | None = opt(None, "For a bare .pt: the VQGAN (path or preset).")
+    runs_dir: Path = Path("runs")

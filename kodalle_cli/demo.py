@@ -13,10 +13,12 @@ Stages (each one the library function its subcommand calls):
    ``rerank``, ``score``;
 5. caption faithfulness (:mod:`kodalle_cli.faithfulness`): colour, category and both read
    from the pixels against the true palette, with Wilson intervals, chance measured with
-   shuffled captions, with and without reranking; the VQGAN's reconstructions of validation
+   shuffled captions, with and without reranking, and with the model's own ranking
+   (``--rank perplexity``) against the reranker's; the VQGAN's reconstructions of validation
    images checked the same way (what the DALLE can at best show);
 6. ``OUT/report.html``: per-pair tables, the worst captions, grids, VQGAN reconstructions,
-   loss curves, scores, timings; ``OUT/summary.json``: the numbers.
+   memorisation (``score``'s near-copies of training images), loss curves, scores, timings;
+   ``OUT/summary.json``: the numbers.
 """
 
 from __future__ import annotations
@@ -156,6 +158,18 @@ def caption_faithfulness(judged: list[list[fa.Judged]], keep: int | None, seed: 
     if keep is not None:
         out["reranked"] = fa.summarise(j for per in judged for j in per[:keep])
     return out
+
+
+def perplexity_best(results, judged: list[list[fa.Judged]], keep: int) -> dict:
+    """The ``keep`` images per caption the model itself finds likeliest (highest mean code
+    log-probability, ``sample --rank perplexity``), judged: the reranker-free ranking."""
+    chosen = []
+    for r, per in zip(results, judged, strict=True):
+        logprobs = r.metadata["mean_logprobs"]
+        position = {im["image_index"]: k for k, im in enumerate(r.metadata["images"])}
+        best = sorted(position, key=lambda i: (-logprobs[i], i))[:keep]
+        chosen.extend(per[position[i]] for i in best)
+    return fa.summarise(chosen)
 
 
 def caption_target(caption: str) -> tuple[str | None, str | None]:
@@ -313,6 +327,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             judged[name] = judge_results(results[name])
         faith = {name: caption_faithfulness(judged[name], size.keep, cfg.seed)
                  for name in captions}
+        for name in captions:  # the model's own ranking against the reranker's
+            faith[name]["perplexity"] = perplexity_best(results[name], judged[name], size.keep)
         faith.update(vqgan_check(vqgan_dir, shards, cfg.image_size, cfg.seed))
 
     with stage("8. score"):
@@ -348,7 +364,7 @@ def summary_table(result: DemoResult) -> Table:
     table = Table(Column("images", no_wrap=True), "colour", "category", "both",
                   title="kodalle demo: does the garment follow the caption? (95% intervals)")
     for name, f in result.faithfulness.items():
-        for kind in ("all", "reranked", "chance"):
+        for kind in ("all", "reranked", "perplexity", "chance"):
             if kind in f:
                 label = name if kind == "all" else f"{name}, {kind}"
                 table.add_row(label, *(str(f[kind][k]) for k in ("colour", "category", "both")))
@@ -421,6 +437,39 @@ def loss_curves(run_dirs: dict[str, Path]) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def memorisation_section(memo: dict | None) -> list[str]:
+    """The report's memorisation part: near-copies, the threshold and how it was chosen,
+    the distance distributions, the closest pairs (``kodalle score``'s check)."""
+    esc = html.escape
+    if not memo:
+        return []
+    parts = ["<h2>Memorisation</h2>"]
+    if memo.get("skipped"):
+        return [*parts, f"<p>Skipped: {esc(memo['skipped'])}</p>"]
+    gen, held = memo["generated_distances"], memo["heldout_distances"]
+    copies = (f"{memo['near_copies']} of {memo['generated_images']} "
+              f"({memo['near_copy_share']:.0%})" if memo["threshold"] is not None else "n/a")
+    parts.append(
+        f"<p>Each scored image's nearest training image ({memo['train_images']} compared) "
+        f"by {esc(memo['distance'])}. Near-copy threshold {memo['threshold']:.4g}: the "
+        f"{esc(memo['threshold_rule'])}, so about 1% of real held-out images fall under it "
+        f"too (here {memo['heldout_flagged_share'] or 0:.0%}). Near-copies: "
+        f"<b>{esc(copies)}</b>.</p>"
+        "<table><tr><th>distance to the nearest training image</th><th>min</th><th>p5</th>"
+        "<th>median</th><th>max</th></tr>"
+        + "".join(f"<tr><td>{label}</td>" + "".join(
+            f"<td>{q[k]:.4g}</td>" if k in q else "<td></td>"
+            for k in ("min", "p5", "median", "max")) + "</tr>"
+            for label, q in (("generated", gen), ("held-out real images", held)))
+        + "</table>")
+    picture = memo.get("picture")
+    if picture and Path(picture).is_file():
+        parts.append("<p>The closest pairs: generated above, its nearest training image "
+                     f"below, the distance under each.</p><img src='{_file_png(Path(picture))}'"
+                     " style='max-width:100%'>")
+    return parts
+
+
 def _share_cells(shares: dict) -> str:
     return "".join(f"<td>{html.escape(str(shares[k]))}</td>" for k in ("colour", "category", "both"))
 
@@ -446,12 +495,15 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
         "synthetic set's true palette and shapes (nothing is fitted). Shares with 95% Wilson "
         "intervals. <i>Chance</i>: the same images scored against other images' captions. "
         f"<i>Reranked</i>: the reranker's best {size.keep} of {size.images_per_caption} images "
-        "per caption. Held out of training (images, captions and tokenizer): "
+        f"per caption; <i>by perplexity</i>: the {size.keep} the DALLE itself finds likeliest "
+        "(highest mean log-probability of its codes, <code>sample --rank perplexity</code>: "
+        "free, no reranker). Held out of training (images, captions and tokenizer): "
         + esc(", ".join(f"{c} {k}" for c, k in HOLDOUT)) + ".</p>",
         "<table><tr><th>images</th><th>colour</th><th>category</th><th>both</th></tr>",
     ]
     for name, f in result.faithfulness.items():
         for kind, label in (("all", name), ("reranked", f"{name}, reranked"),
+                            ("perplexity", f"{name}, by perplexity"),
                             ("chance", f"{name}: chance")):
             if kind in f:
                 parts.append(f"<tr><td>{esc(label)}</td>{_share_cells(f[kind])}</tr>")
@@ -480,6 +532,7 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
     for key, value in _flat_scores(result.scores).items():
         parts.append(f"<tr><td>{esc(key)}</td><td>{esc(value)}</td></tr>")
     parts.append("</table>")
+    parts.extend(memorisation_section(result.scores.get("memorisation")))
     curves = loss_curves(run_dirs)
     if curves:
         parts.append(f"<h2>Loss curves</h2><img src='{curves}' style='max-width:100%'>")
@@ -506,6 +559,8 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
     write_json_atomic(result.out / "summary.json", {
         "timings": result.timings, "faithfulness": faith, "per_pair": per_pair,
         "scores": result.scores.get("metrics", {}),
+        "memorisation": {k: v for k, v in (result.scores.get("memorisation") or {}).items()
+                         if k != "nearest"},
         "fidelity_skipped": result.scores.get("fidelity_skipped"),
         "config": {k: str(v) for k, v in asdict(cfg).items()},
         "size": asdict(size),

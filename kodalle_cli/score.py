@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from kodalle_cli.configs import ScoreConfig
-from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.errors import KodalleError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZER = "PIL Lanczos via kodalle_cli.data.images.fit (pad)"
+MIN_FID_IMAGES = 2  # FID's covariance needs two images in each set (1000+ for stable numbers)
 
 
 
@@ -77,29 +78,54 @@ def caption_for(path: Path) -> str | None:
     return None
 
 
-def read_image_folder(folder, count: int) -> tuple[list[Path], list[str | None]]:
+def read_image_folder(folder, count: int, warn=None) -> tuple[list[Path], list[str | None]]:
+    """The first ``count`` readable images of ``folder`` (by path; grids left out) and their
+    captions (:func:`caption_for`). Files with an image extension that do not decode are
+    skipped with a warning giving the reason."""
+    from kodalle_cli.data.images import ImageError, open_image
+    from kodalle_cli.errors import warn as warn_user
+
+    warn = warn or warn_user
     folder = Path(folder)
     if not folder.is_dir():
         raise KodalleError(f"--images {folder} is not a directory")
-    paths = sorted(
+    candidates = sorted(
         p for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and "grid" not in p.stem
-    )[:count]
+    )
+    paths = []
+    for path in candidates:
+        if len(paths) >= count:
+            break
+        try:
+            open_image(path)
+        except ImageError as exc:
+            warn(f"skipped {path}: {exc}")
+            continue
+        paths.append(path)
     if not paths:
-        raise KodalleError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        raise KodalleError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return paths, [caption_for(p) for p in paths]
 
 
-def write_pngs(images, folder: Path, size: int) -> Path:
-    """Write images (PIL, paths or JPEG bytes) as ``000000.png``... at ``size`` x ``size``."""
-    from kodalle_cli.data.images import fit, open_image, to_rgb
+def write_pngs(images, folder: Path, size: int, warn=None) -> Path:
+    """Write images (PIL, paths or JPEG bytes) as ``000000.png``... at ``size`` x ``size``;
+    one that does not decode is skipped with a warning (``warn``) and leaves its number
+    unused."""
+    from kodalle_cli.data.images import ImageError, fit, open_image, to_rgb
+    from kodalle_cli.errors import warn as warn_user
 
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for i, im in enumerate(images):
         if not hasattr(im, "size"):  # a path or JPEG bytes
-            im = open_image(im)[0]
+            try:
+                im = open_image(im)[0]
+            except ImageError as exc:
+                name = im if isinstance(im, (str, Path)) else f"image {i}"
+                (warn or warn_user)(f"skipped {name} (for {folder.name}): {exc}")
+                continue
         im = to_rgb(im)
         if im.size != (size, size):
             im = fit(im, size, "pad")
@@ -244,15 +270,19 @@ def reranker_metrics(reranker, images, captions: list[str], pool: list[str],
 
 
 # ---- generation ----------------------------------------------------------------------------------
-def generate_images(cfg: ScoreConfig, captions: list[str]) -> list:
-    """One image per caption from the run in ``cfg.checkpoint``, through ``sample``'s function
-    (its default sampling settings, seeded by ``cfg.seed``)."""
+def generate_images(cfg: ScoreConfig, captions: list[str], run=None,
+                    codes: list | None = None) -> list:
+    """One image per caption from the run in ``cfg.checkpoint`` (or ``run``, already loaded),
+    through ``sample``'s function (its default sampling settings, seeded by ``cfg.seed``).
+    ``codes``: a list that receives each image's VQGAN codes ``[1, N]`` (memorisation)."""
     from kodalle_cli.generate import SampleConfig, sample
 
     results = sample(SampleConfig(
         captions=list(captions), n=1, checkpoint=Path(cfg.checkpoint), out=None,
         batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
-    ))
+    ), run)
+    if codes is not None:
+        codes.extend(r.codes[:1] for r in results)
     return [r.images[0] for r in results]
 
 
@@ -267,33 +297,51 @@ def default_out(cfg: ScoreConfig) -> Path:
     return images.with_name(images.name + "-score")
 
 
+def _enough(cfg: ScoreConfig, count: int, holds: str, warn_fewer: bool = True) -> None:
+    """FID needs :data:`MIN_FID_IMAGES` images in each set: say so, with the count found."""
+    if cfg.fidelity and count < MIN_FID_IMAGES:
+        raise KodalleError(
+            f"{holds} {count} image(s); FID needs at least {MIN_FID_IMAGES} in each set "
+            "(1000 or more for numbers comparable with published ones)"
+        )
+    if warn_fewer and count < cfg.num_samples:
+        from kodalle_cli.errors import warn
+
+        warn(f"{holds} {count} image(s), fewer than --num-samples {cfg.num_samples}: "
+             f"scoring {count}")
+
+
 def run_score(cfg: ScoreConfig) -> dict:
     """Score generated (or given) images; write OUT/score.json and return what it holds."""
     import torch_fidelity
 
     from kodalle_cli.device import pick_device
 
-    if (cfg.checkpoint is None) == (cfg.images is None):
-        raise UsageError("kodalle score needs exactly one of --checkpoint RUN or --images DIR")
-    if cfg.num_samples < 2:
-        raise UsageError("--num-samples must be at least 2 (FID needs a covariance)")
+    cfg.validate()
     device = pick_device(cfg.device)
-    # fail early, before any generation
+    # fail early, before any generation: weights, reranker, the run, enough images
     weights = inception_weights(cfg.inception_weights) if cfg.fidelity else None
-    reranker = None
+    reranker = run = None
     if cfg.reranker is not None:
         from kodalle_cli.rerank.model import load_reranker
 
         reranker = load_reranker(cfg.reranker, device)
+    if cfg.checkpoint is not None:
+        from kodalle_cli.runs import load_run
+
+        run = load_run(cfg.checkpoint, "cpu")
     ref_images, ref_captions, pool = read_reference(
         cfg.data, cfg.split, cfg.num_samples, pool=10_000
     )
+    _enough(cfg, len(ref_images), f"the {cfg.split} split of {cfg.data} holds")
+    gen_codes: list = []  # the run's codes of each image (memorisation)
     if cfg.checkpoint is not None:
-        generated = generate_images(cfg, ref_captions)
+        generated = generate_images(cfg, ref_captions, run, codes=gen_codes)
         gen_captions: list[str | None] = list(ref_captions)
         source = {"checkpoint": str(cfg.checkpoint)}
     else:
         paths, gen_captions = read_image_folder(cfg.images, cfg.num_samples)
+        _enough(cfg, len(paths), f"--images {cfg.images} holds")
         generated = paths
         source = {"images": str(cfg.images)}
         ref_images = ref_images[:len(generated)]  # equal set sizes: FID's bias depends on N
@@ -305,6 +353,9 @@ def run_score(cfg: ScoreConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     gen_dir = write_pngs(generated, out / "generated", size)
     ref_dir = write_pngs(ref_images, out / "reference", size)
+    _enough(cfg, len(list(ref_dir.glob("*.png"))),
+            f"after skipping unreadable images, the {cfg.split} split of {cfg.data} holds",
+            warn_fewer=False)
     settings = fidelity_settings(len(generated), len(ref_images))
     metrics = {}
     if cfg.fidelity:
@@ -320,6 +371,16 @@ def run_score(cfg: ScoreConfig) -> dict:
             metrics["reranker_samples"] = len(pairs)
         else:
             metrics["reranker_samples"] = 0
+    memo = None
+    if cfg.copies:  # memorisation: each image's nearest training image
+        from kodalle_cli.memorisation import memorisation
+
+        memo = memorisation(generated_images=generated, data=cfg.data, out=out, run=run,
+                            generated_codes=torch.cat(gen_codes) if gen_codes else None,
+                            reranker=reranker, limit=cfg.copy_pool, device=device)
+        if memo.get("near_copy_share") is not None:
+            metrics["near_copy_share"] = memo["near_copy_share"]
+            metrics["nearest_train_distance_median"] = memo["generated_distances"]["median"]
     result = {
         "metrics": metrics,
         "num_samples": len(generated),
@@ -336,6 +397,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         "reranker": str(cfg.reranker) if cfg.reranker else None,
         "config": asdict(cfg),
         "out": str(out),
+        **({"memorisation": memo} if memo is not None else {}),
     }
     tmp = out / "score.json.tmp"
     tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -350,4 +412,12 @@ def score_table(result: dict):
                   title=f"kodalle score ({result['num_samples']} samples)")
     for name, value in result["metrics"].items():
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+    memo = result.get("memorisation") or {}
+    if memo.get("skipped"):
+        table.add_row("memorisation", f"skipped: {memo['skipped']}")
+    elif memo.get("threshold") is not None:
+        table.add_row("near-copy threshold", f"{memo['threshold']:.4g} ({memo['method']}; "
+                      f"{memo['threshold_rule']})")
+        table.add_row("near-copies", f"{memo['near_copies']} of {memo['generated_images']} "
+                      f"(pairs: {memo.get('picture')})")
     return table

@@ -33,13 +33,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     for heading in ("Caption faithfulness", "Per pair: seen", "Per pair: held-out",
                     "Worst captions", "Scores", "Loss curves", "VQGAN reconstructions",
                     "Generated: seen combinations", "Generated: held-out combinations",
-                    "Timings"):
+                    "Timings", "Memorisation"):
         assert heading in report
     assert "Noto Sans KR" in report  # a font stack that has Hangul
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     faith = summary["faithfulness"]
     for name in ("seen", "held-out"):
-        for kind in ("all", "reranked", "chance"):
+        for kind in ("all", "reranked", "perplexity", "chance"):
             for what in ("colour", "category", "both"):
                 share = faith[name][kind][what]
                 assert share["n"] > 0 and 0.0 <= share["share"] <= 1.0
@@ -51,6 +51,10 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert {tuple(r["pair"]) for r in summary["per_pair"]["held-out"]} == set(HOLDOUT)
     assert set(summary["timings"]) >= {"2. prepare -> shards", "5. train DALLE", "8. score"}
     assert "clip_score" in summary["scores"]
+    memo = summary["memorisation"]  # score's memorisation check, by the reranker's embedding
+    assert memo["method"] == "reranker-embedding" and memo["generated_images"] > 0
+    assert memo["threshold"] is not None and 0.0 <= memo["near_copy_share"] <= 1.0
+    assert (out / "score" / "closest_pairs.png").is_file()
     # held-out pairs never reach anything trained: not one training caption has one
     from kodalle_cli.data.shards import iter_image_samples
 

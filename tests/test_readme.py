@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def shrink(words: list[str], tiny_backbone: Path, inception: Path) -> list[str]:
         "rerank": "--device cpu",
         "score": f"--num-samples 4 --inception-weights {inception} --device cpu",
         "backbones": "",
+        "attributes": "",
     }.get(sub)
     if extra is None:  # `train --backbone ...` (the DALLE)
         extra = TINY_DALLE
@@ -67,7 +69,15 @@ def test_readme_commands_run(tmp_path):
     commands = readme_commands()
     assert any(c.startswith("kodalle prepare ./kfashion") for c in commands)
     assert any(c.startswith("kodalle sample ") for c in commands)
+    for feature in ("kodalle attributes", "--attr ", "--init-image ", "--rank perplexity",
+                    "--no-fidelity"):  # issue 17's features are shown, and run below
+        assert any(feature in c for c in commands), feature
     generate(tmp_path / "kfashion", 48, size=64, seed=0, split_dirs=True)
+    # red t-shirts, so that the README's `--attr 상의.색상=레드 --attr 상의.카테고리=티셔츠`
+    # names values the training captions hold; one of them is the --init-image photo
+    items = generate(tmp_path / "kfashion", 4, size=64, seed=0, split_dirs=True, start=48,
+                     combos=[("레드", "티셔츠")])
+    shutil.copy(items[0].image, tmp_path / "photo.jpg")
     tiny = build_klue_like(tmp_path / "tiny-klue", max_positions=40)
     inception = write_random_inception_weights(tmp_path / "inception.pth")
     plugin_site = tmp_path / "plugin-site"
@@ -92,3 +102,4 @@ def test_readme_commands_run(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     assert (tmp_path / "runs" / "klue-roberta-large" / "latest").is_file()
     assert list((tmp_path / "samples").glob("*/grid.png"))
+    assert list((tmp_path / "samples").glob("*/prompt.png"))  # --init-image

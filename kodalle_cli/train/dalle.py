@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kodalle_cli import runs
+from kodalle_cli.attributes import caption_record
 from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
@@ -34,19 +35,30 @@ def default_out(backbone: str) -> Path:
 
 # ---- the task --------------------------------------------------------------------------------
 class DalleTask(Task):
-    def __init__(self, model: DALLE, cfg: DalleTrainConfig, tokens_dir: Path, vqgan=None):
+    def __init__(self, model: DALLE, cfg: DalleTrainConfig, tokens_dir: Path, vqgan=None,
+                 main: bool = True):
         self.model = model
         self.cfg = cfg
         self.tokens_dir = tokens_dir
         self.vqgan = vqgan
         self.manifest = token_shards.read_manifest(tokens_dir)
-        self.epoch_samples = self.manifest["splits"]["train"]["count"]
-        self.has_val = self.manifest["splits"].get("val", {}).get("count", 0) > 0
+        # every shard read once, before the first step: bad samples are reported by shard and
+        # key and left out, too many of them stop the run here (--max-bad-fraction)
+        self.vocab = model.config.num_text_tokens
+        self.checked = token_shards.check_shards(
+            tokens_dir, num_text_tokens=self.vocab, max_bad_fraction=cfg.max_bad_fraction,
+            report=None if main else (lambda message: None))  # DDP: rank 0 warns
+        if self.checked["train"].good == 0:
+            raise KodalleError(f"{tokens_dir}: no good train samples")
+        self.epoch_samples = self.checked["train"].good
+        self.has_val = self.checked["val"].good > 0
+        self.data_metrics = {f"{split}_skipped": len(c.bad) for split, c in self.checked.items()}
 
     def train_batches(self, start, rank, world_size):
         dataset = token_shards.TokenBatches(
             self.tokens_dir, "train", batch_size=self.cfg.batch_size, seed=self.cfg.seed,
             rank=rank, world_size=world_size, start_batch=start,
+            counts=self.checked["train"].counts, num_text_tokens=self.vocab,
         )
         return iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
@@ -74,7 +86,8 @@ class DalleTask(Task):
 
     def _val_batches(self):
         batch = []
-        for sample in token_shards.iter_split(self.tokens_dir, "val"):
+        for sample in token_shards.iter_split(self.tokens_dir, "val",
+                                              num_text_tokens=self.vocab):
             batch.append(sample)
             if len(batch) == self.cfg.batch_size:
                 yield batch
@@ -108,7 +121,8 @@ class DalleTask(Task):
         from kodalle_cli.model.sampling import SamplingSettings, generate_codes, row_uniforms
 
         samples = list(token_shards.iter_split(self.tokens_dir, "val",
-                                               limit=self.cfg.sample_captions))
+                                               limit=self.cfg.sample_captions,
+                                               num_text_tokens=self.vocab))
         device = next(model.parameters()).device
         text = torch.from_numpy(np.stack([s["ids"] for s in samples])).to(device)
         steps = model.image_seq_len
@@ -145,7 +159,8 @@ def find_tokens(cfg: DalleTrainConfig, main: bool, dist) -> Path:
 
     tcfg = TokenizeConfig(shards=data, vqgan=cfg.vqgan, backbone=cfg.backbone,
                           backbone_path=cfg.backbone_path, text_seq_len=cfg.text_seq_len or 128,
-                          device=cfg.device, progress=cfg.progress)
+                          device=cfg.device, progress=cfg.progress,
+                          max_bad_fraction=cfg.max_bad_fraction)
     out = None
     if main:
         out = ensure_tokens(tcfg)
@@ -154,11 +169,18 @@ def find_tokens(cfg: DalleTrainConfig, main: bool, dist) -> Path:
 
 
 def run_train(cfg: DalleTrainConfig) -> TrainResult:
-    """Train (or resume) a DALLE run; returns the trainer's result."""
-    from kodalle_cli.backbone import get_backbone
-
+    """Train (or resume) a DALLE run; returns the trainer's result. ``OUT/lock`` holds this
+    process's pid meanwhile; resuming refuses settings other than the run's, except
+    :data:`kodalle_cli.configs.TRAIN_RESUME_MAY_CHANGE`."""
     dist, device = setup_distributed(cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
+    with runs.run_lock(out, dist.main):  # one run per directory, before anything is written
+        return _run_train(cfg, dist, device, out)
+
+
+def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
+    from kodalle_cli.backbone import get_backbone
+
     existing = (out / runs.CONFIG).is_file() and runs.latest_checkpoint(out) is not None
     if cfg.resume and not existing:
         raise KodalleError(f"--resume: {out} has no checkpoint to resume from")
@@ -183,6 +205,7 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
     emb = backbone.load_embeddings()
     if existing:
         saved = runs.read_config(out)
+        _refuse_changed_settings(out, saved, cfg)
         mcfg = DALLEConfig.from_dict(saved["model"])
         if (mcfg.num_image_tokens, mcfg.image_fmap_size, mcfg.text_seq_len) != (
             manifest["num_image_tokens"], manifest["image_fmap_size"], manifest["text_seq_len"]
@@ -223,6 +246,8 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
                           for k, v in dataclasses.asdict(cfg).items()},
                 "data": {"tokens": str(tokens_dir), "tokenizer_hash":
                          manifest.get("tokenizer_hash"), "vqgan": manifest.get("vqgan")},
+                # caption style, part/attribute order and values (sample --attr)
+                "captions": caption_record(tokens_dir, manifest),
             })
             backbone.load_tokenizer().save_pretrained(out / runs.TOKENIZER_DIR)
         vq = _copy_vqgan(cfg, manifest, out)
@@ -236,7 +261,7 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
         sample_every=cfg.sample_every, log_every=cfg.log_every,
         max_bad_steps=cfg.max_bad_steps, resume=cfg.resume, progress=cfg.progress,
     )
-    task = DalleTask(model, cfg, tokens_dir, vqgan=vq)
+    task = DalleTask(model, cfg, tokens_dir, vqgan=vq, main=dist.main)
     return train(task, trainer_cfg, dist, device)
 
 
@@ -246,7 +271,9 @@ def _copy_vqgan(cfg: DalleTrainConfig, manifest: dict, out: Path):
 
     target = out / runs.VQGAN_DIR
     if target.is_dir():
-        return load_vqgan(str(target))
+        vq = load_vqgan(str(target))
+        token_shards.check_vqgan(manifest, vq, Path(cfg.data), f"the run's VQGAN ({target})")
+        return vq
     source = cfg.vqgan or (manifest.get("vqgan") or {}).get("source")
     if not source:
         print(f"note: the token shards name no VQGAN; {out} has no vqgan/ (sampling will "
@@ -258,8 +285,18 @@ def _copy_vqgan(cfg: DalleTrainConfig, manifest: dict, out: Path):
         print(f"note: cannot copy the VQGAN into the run ({exc}); sampling will need --vqgan",
               flush=True)
         return None
-    want = (manifest.get("vqgan") or {}).get("hash")
-    if want and vq.identity() != want:
-        raise KodalleError(f"--vqgan {source} is not the VQGAN the token shards were made with")
+    token_shards.check_vqgan(manifest, vq, Path(cfg.data), f"--vqgan {source}")
     save_vqgan(vq, target)
     return vq
+
+
+def _refuse_changed_settings(out: Path, saved: dict, cfg: DalleTrainConfig) -> None:
+    """Resuming: one error listing every setting that differs from the run's config.json,
+    but for those that may change (``TRAIN_RESUME_MAY_CHANGE``)."""
+    from kodalle_cli.configs import TRAIN_RESUME_MAY_CHANGE
+    from kodalle_cli.train.checkpoint import refuse_changed_settings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DalleTrainConfig)
+                if f.default is not dataclasses.MISSING}
+    refuse_changed_settings(out, saved.get("train") or {}, dataclasses.asdict(cfg), defaults,
+                            TRAIN_RESUME_MAY_CHANGE)
