@@ -25,9 +25,16 @@ lint: install
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
-# Run as modules: benchmarks/tokenize.py would hide the standard library's tokenize.
+# Every script in benchmarks/ but the harness, run as modules (benchmarks/tokenize.py would
+# hide the standard library's tokenize). Run it alone on the machine: docs/benchmarks.md.
+# BENCH_ARGS="--quick": a smoke run; BENCH_ARGS="--json bench.json": every table as JSON too.
+# gpu.py needs a CUDA device (elsewhere: python -m benchmarks.gpu --quick smoke-runs it).
 bench: install
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) -m benchmarks.$$(basename $$b .py) || exit 1; done
+	@for b in benchmarks/*.py; do n=$$(basename $$b .py); \
+	  if [ $$n = harness ]; then continue; fi; \
+	  if [ $$n = gpu ] && ! $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	    echo "== $$b: skipped, no CUDA device"; continue; fi; \
+	  echo "== $$b $(BENCH_ARGS)"; $(PY) -m benchmarks.$$n $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,44 +1,46 @@
-"""Reranker and score on synthetic garments: how well a tiny reranker learns, and what it costs.
+"""The reranker and `kodalle score` on synthetic garments: cost, and how well it learns.
 
-Trains a tiny reranker (EfficientNet-B0 at 48 px + a 1-layer 32-dim KLUE-like text tower) for
-100 steps of 16 pairs on 320 synthetic garments (4 colours x 2 categories = 8 captions),
-then measures how often the matching caption ranks first among the 8 on 48 fresh images
-(chance 1/8), and times `kodalle score`'s torch-fidelity pass (Inception at 299 px) on
-N generated/reference PNGs with a locally built random-weight Inception.
+    .venv/bin/python -m benchmarks.reranker                # 1 and 2 threads, 5 runs per arm
+    .venv/bin/python -m benchmarks.reranker --quick        # smoke run: 10 steps, 8 images
+    .venv/bin/python -m benchmarks.reranker --threads 1,2 --json out.json
 
-    .venv/bin/python benchmarks/reranker.py [--threads 1] [--score-images 16]
+Data, built once: 320 training and 40 validation synthetic garments at 48 px (4 colours x 2
+categories = 8 distinct captions) in image shards, and a KLUE-like backbone
+(``build_klue_like``: a 1-layer, 32-dim RoBERTa with a WordPiece tokenizer on the captions).
+
+Two comparisons, one arm per torch thread count (``--threads``), interleaved:
+- ``train``: ``train_reranker`` (EfficientNet-B0 at 48 px, random init, + that text tower)
+  for 100 steps of 16 pairs into a fresh folder. Timed: the ``train_reranker`` call. Also
+  recorded per run (not timed): ``val_image_to_text`` (its validation retrieval accuracy on
+  the 40 pairs) and ``rank_first_accuracy``: the trained reranker ranks the 8 captions for
+  48 new images; how often the true one comes first (chance 0.125);
+- ``fidelity``: one torch-fidelity pass (FID + KID + IS; Inception at 299 px with random
+  weights built locally, as the tests do) over two folders of ``--score-images`` PNGs.
+  Timed: the ``fidelity_metrics`` call.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import io
+import random
+import tempfile
+import time
+from pathlib import Path
 
-# benchmarks/tokenize.py shadows the stdlib's tokenize: keep this folder off the import path
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
+import webdataset as wds
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import webdataset as wds  # noqa: E402
-
-from kodalle_cli.data.synthetic import random_garment, render  # noqa: E402
-from kodalle_cli.rerank.model import load_reranker  # noqa: E402
-from kodalle_cli.rerank.train import RerankerTrainConfig, train_reranker  # noqa: E402
-from kodalle_cli.score import (  # noqa: E402
+from benchmarks.harness import Arm, compare, parser
+from kodalle_cli.data.synthetic import random_garment, render
+from kodalle_cli.rerank.model import load_reranker
+from kodalle_cli.rerank.train import RerankerTrainConfig, train_reranker
+from kodalle_cli.score import (
     fidelity_metrics,
     fidelity_settings,
     write_pngs,
     write_random_inception_weights,
 )
-from kodalle_cli.tiny_backbone import build_klue_like  # noqa: E402
+from kodalle_cli.tiny_backbone import build_klue_like
 
 COLOURS = ("레드", "블루", "그린", "옐로우")
 CATEGORIES = {"티셔츠": "상의", "스커트": "하의"}
@@ -66,44 +68,69 @@ def shard(path: Path, items) -> None:
                         "json": "{}"})
 
 
+def train_once(root: Path, backbone: Path, steps: int, test) -> dict:
+    """One training run into a fresh folder: its seconds and what the reranker learnt."""
+    with tempfile.TemporaryDirectory(dir=root) as out:
+        start = time.perf_counter()
+        result = train_reranker(RerankerTrainConfig(
+            backbone=str(backbone), data=str(root), out=out, image_size=48, embed_dim=32,
+            text_seq_len=32, max_steps=steps, batch_size=16, lr=2e-3, weight_decay=0.0,
+            warmup_steps=min(10, steps // 2), eval_every=steps, eval_samples=40,
+            save_every=steps, shuffle_buffer=64, device="cpu", precision="fp32"),
+            progress=False)
+        seconds = time.perf_counter() - start
+        sims = load_reranker(out).score([p[0] for p in test], CAPTIONS)
+    best = sims.argmax(1).tolist()
+    hits = sum(CAPTIONS[j] == caption for j, (_, caption) in zip(best, test, strict=True))
+    return {"seconds": seconds, "val_image_to_text": result["val_image_to_text"],
+            "rank_first_accuracy": hits / len(test)}
+
+
+def threaded(threads: int, fn):
+    """``fn`` run with ``threads`` torch threads (the previous count restored after)."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--score-images", type=int, default=16)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    ap = parser(__doc__)
+    ap.add_argument("--threads", default="1,2", help="torch thread counts, one arm each")
+    ap.add_argument("--steps", type=int, default=100, help="reranker training steps")
+    ap.add_argument("--score-images", type=int, default=16, help="PNGs per fidelity folder")
+    args = ap.parse_args()
+    steps, n = (10, 8) if args.quick else (args.steps, args.score_images)
+    threads = [int(t) for t in args.threads.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shard(root / "train-000000.tar", pairs(320, 1))
         shard(root / "val-000000.tar", pairs(40, 2))
         backbone = build_klue_like(root / "klue", texts=CAPTIONS * 4, vocab_size=128,
                                    hidden=32, layers=1)
-        t = time.perf_counter()
-        result = train_reranker(RerankerTrainConfig(
-            backbone=str(backbone), data=str(root), out=str(root / "rr"), image_size=48,
-            embed_dim=32, text_seq_len=32, max_steps=100, batch_size=16, lr=2e-3,
-            weight_decay=0.0, warmup_steps=10, eval_every=50, eval_samples=40, save_every=50,
-            shuffle_buffer=64, device="cpu", precision="fp32"), progress=False)
-        train_s = time.perf_counter() - t
-        reranker = load_reranker(root / "rr")
         test = pairs(48, 3)
-        sims = reranker.score([p[0] for p in test], CAPTIONS)
-        hits = sum(CAPTIONS[j] == c for j, (_, c) in zip(sims.argmax(1).tolist(), test,
-                                                          strict=True))
-        n = args.score_images
+        compare(f"train_reranker, {steps} steps of 16 pairs (EfficientNet-B0 at 48 px); "
+                f"rank_first_accuracy: 8 captions, 48 new images, chance {1 / len(CAPTIONS)}",
+                [Arm(f"train, {t} thread{'s' * (t > 1)}",
+                     threaded(t, lambda: train_once(root, backbone, steps, test)))
+                 for t in threads], args)
         weights = write_random_inception_weights(root / "inception.pth")
         a = write_pngs([p[0] for p in pairs(n, 4)], root / "a", 48)
         b = write_pngs([p[0] for p in pairs(n, 5)], root / "b", 48)
-        t = time.perf_counter()
-        metrics = fidelity_metrics(a, b, weights, torch.device("cpu"), fidelity_settings(n, n))
-        score_s = time.perf_counter() - t
-    print(json.dumps({"threads": args.threads, "train_100_steps_s": round(train_s, 1),
-                      "val_image_to_text": result["val_image_to_text"],
-                      "rank_first_accuracy": round(hits / len(test), 3),
-                      "chance": round(1 / len(CAPTIONS), 3),
-                      "fidelity_images_per_set": n, "fidelity_s": round(score_s, 1),
-                      "fid_two_synthetic_sets": round(metrics["fid"], 3)}, indent=2))
+        settings = fidelity_settings(n, n)
+
+        def score() -> None:
+            fidelity_metrics(a, b, weights, torch.device("cpu"), settings)
+
+        compare(f"torch-fidelity FID+KID+IS, {n} + {n} PNGs, Inception at 299 px; "
+                "per s = images/s",
+                [Arm(f"fidelity, {t} thread{'s' * (t > 1)}", threaded(t, score), per=2 * n)
+                 for t in threads], args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,12 +1,15 @@
-"""Reversible vs plain DALLE layers: peak training memory and step time at depth 16.
+"""Reversible vs plain DALLE layers: step time and peak training memory at depth 16.
 
-Each measurement is a fresh child process (one arm, one repeat), so the memory of one arm
-never hides in the other's high-water mark; the arms alternate (plain, reversible, then
-reversible, plain, ...) so a machine that slows down or speeds up affects both alike.
+    .venv/bin/python -m benchmarks.reversible              # depth 16, dim 128, 5 runs per arm
+    .venv/bin/python -m benchmarks.reversible --quick      # smoke run (depth 4, 64 image tokens)
+    .venv/bin/python -m benchmarks.reversible --device cuda --dim 512 --batch 16 --json out.json
 
-A child builds the model, zero gradients and AdamW's state (one optimizer step on the zero
-gradients), then runs ``--steps`` training steps (forward, backward, optimizer step) and
-reports the fastest. Memory is what the training steps add on top of the model, its
+Two arms, ``plain`` (baseline) and ``reversible``, interleaved by the harness. Each run is a
+fresh child process (one arm), so the memory of one arm never hides in the other's
+high-water mark. A child builds the model, zero gradients and AdamW's state (one optimizer
+step on the zero gradients), then runs ``--steps`` training steps (forward, backward,
+optimizer step). Timed: the fastest of those steps (the child's imports and set-up are not).
+Also recorded per run, ``peak_mib``: what the training steps add on top of the model, its
 gradients and AdamW's state:
 
 - CPU: the process's peak resident set (``ru_maxrss``) minus its resident set before the
@@ -17,10 +20,6 @@ gradients and AdamW's state:
 
 So the number is mostly activation memory (plus the transient gradients of one step), the
 part reversible layers make independent of depth.
-
-    .venv/bin/python -m benchmarks.reversible              # depth 16, dim 128, 5 repeats
-    .venv/bin/python -m benchmarks.reversible --quick      # a smoke run (depth 4, 1 repeat)
-    .venv/bin/python -m benchmarks.reversible --device cuda --dim 512 --batch 16
 """
 
 from __future__ import annotations
@@ -29,11 +28,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
+from benchmarks.harness import compare, parser, reporting_command
+
+ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("plain", "reversible")
 
 
@@ -43,7 +44,7 @@ def rss_bytes() -> int:
 
 
 def child(args) -> dict:
-    """One arm, one repeat: {"step_s": [...], "peak_bytes": int}."""
+    """One arm, one run: {"seconds": fastest step, "peak_mib": training memory}."""
     import torch
 
     from kodalle_cli.model import DALLE, DALLEConfig
@@ -91,22 +92,20 @@ def child(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"step_s": times, "peak_bytes": peak}
+    return {"seconds": min(times), "peak_mib": peak / 2**20}
 
 
-def run_child(args, arm: str) -> dict:
-    # -P: benchmarks/ must not shadow the standard library (benchmarks/tokenize.py)
-    cmd = [sys.executable, "-P", __file__, "--child", "--arm", arm]
-    for name in ("device", "dim", "depth", "heads", "dim_head", "text_seq_len", "fmap",
-                 "batch", "text_vocab", "image_vocab", "steps", "threads"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def arm(args, name: str):
+    """The harness arm: one fresh child process per run."""
+    cmd = [sys.executable, "-m", "benchmarks.reversible", "--child", "--arm", name]
+    for option in ("device", "dim", "depth", "heads", "dim_head", "text_seq_len", "fmap",
+                   "batch", "text_vocab", "image_vocab", "steps", "threads"):
+        cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return reporting_command(name, cmd, env={"MALLOC_MMAP_THRESHOLD_": "65536"}, cwd=ROOT)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=16)
@@ -117,10 +116,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-vocab", type=int, default=1000)
     ap.add_argument("--image-vocab", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=3, help="training steps per child (best kept)")
-    ap.add_argument("--repeats", type=int, default=5, help="children per arm")
+    ap.add_argument("--steps", type=int, default=3, help="training steps per child (fastest kept)")
     ap.add_argument("--threads", type=int, default=torch_threads())
-    ap.add_argument("--quick", action="store_true", help="smoke run: depth 4, 1 repeat")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -128,29 +125,16 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     if args.quick:
-        args.depth, args.repeats, args.steps, args.fmap, args.batch = 4, 1, 2, 8, 2
-
-    results = {arm: {"step_s": [], "peak_bytes": []} for arm in ARMS}
-    for r in range(args.repeats):
-        for arm in ARMS if r % 2 == 0 else ARMS[::-1]:  # interleaved, order alternating
-            res = run_child(args, arm)
-            results[arm]["step_s"].append(min(res["step_s"]))
-            results[arm]["peak_bytes"].append(res["peak_bytes"])
-            print(f"repeat {r + 1}/{args.repeats} {arm:10s} step {min(res['step_s']):.3f} s  "
-                  f"peak +{res['peak_bytes'] / 2**20:.1f} MiB", flush=True)
-
-    print(f"\ndevice {args.device}, depth {args.depth}, dim {args.dim}, heads {args.heads}x"
-          f"{args.dim_head}, sequence {args.text_seq_len}+{args.fmap ** 2}, batch {args.batch}, "
-          f"{args.repeats} repeats x {args.steps} steps (best step per child)")
-    print(f"{'arm':10s} {'step min':>9s} {'step med':>9s} {'peak min':>10s} {'peak med':>10s}")
-    med = {}
-    for arm in ARMS:
-        s, p = results[arm]["step_s"], results[arm]["peak_bytes"]
-        med[arm] = statistics.median(s), statistics.median(p)
-        print(f"{arm:10s} {min(s):8.3f}s {med[arm][0]:8.3f}s {min(p) / 2**20:8.1f}Mi "
-              f"{med[arm][1] / 2**20:8.1f}Mi")
-    print(f"reversible / plain (medians): step time {med['reversible'][0] / med['plain'][0]:.2f}x, "
-          f"peak training memory {med['reversible'][1] / med['plain'][1]:.2f}x")
+        args.depth, args.steps, args.fmap, args.batch = 4, 2, 8, 2
+    result = compare(
+        f"training step, plain vs reversible: {args.device}, depth {args.depth}, dim {args.dim}, "
+        f"heads {args.heads}x{args.dim_head}, sequence {args.text_seq_len}+{args.fmap ** 2}, "
+        f"batch {args.batch}, {args.threads} threads; time: fastest of {args.steps} steps per "
+        "child; peak_mib: memory the steps add", [arm(args, name) for name in ARMS], args,
+        unit="s/step")
+    plain, rev = (row["measured"]["peak_mib"]["median"] for row in result["arms"])
+    print(f"reversible / plain (medians): step time {result['arms'][1]['ratio_to_first']:.2f}x, "
+          f"peak training memory {rev / plain:.2f}x")
 
 
 def torch_threads() -> int:

@@ -1,175 +1,220 @@
-"""Images/s of ``kodalle sample``'s decoding loop vs dalle-pytorch 1.6.6 ``generate_images``.
+"""Sampling: `kodalle sample` against dalle-pytorch 1.6.6, as whole processes and in-process.
 
-Same machine, same process, same weights: a stock dalle-pytorch DALLE (full attention, no
-rotary, no token shift) with random weights is converted into kodalle's DALLE with
-``kodalle_cli.model.convert.from_dalle_pytorch``; the logits of both are compared first.
+    .venv/bin/python -m benchmarks.sample                 # the small config, 5 runs per arm
+    .venv/bin/python -m benchmarks.sample --quick         # smoke run: a tiny model, n 2
+    .venv/bin/python -m benchmarks.sample --cond-scale 3 --vqgan-ch 128 --json out.json
 
-What is timed, for n images of one caption (one batch of n rows):
-  dalle-pytorch: ``generate_images(text, filter_thres=0.9, cond_scale=S, use_cache=C)``, which
-    samples the 256 image tokens and decodes them with its VAE;
-  kodalle: ``generate_codes`` (preallocated KV cache, SDPA, batched guidance, top-k 0.9 as
-    filter_thres) followed by the SAME VAE's ``decode``.
-The VAE is a small dalle-pytorch DiscreteVAE (64x64 pixels, 16x16 codes) shared by both sides,
-so decoding costs the same on both and the difference is token generation.
+The files, written once into a temporary folder, are the same for both sides:
+- ``dalle.pt``: a DALLE in dalle-pytorch's ``.pt`` format and layout (unique padding
+  tokens, pad id 0), written by ``save_dalle_pytorch_checkpoint``; random weights. The small
+  config: dim 256, depth 4, 4 heads x 64, 64 text + 256 image tokens, 10000 text / 1024
+  image vocabulary, stock layers (full attention, no rotary, no token shift);
+- one VQGAN (f16, 256 px, ch ``--vqgan-ch`` (default 32, KoDALLE's is 128), ch_mult
+  1,1,2,2,4, 2 res blocks, attention at 16, 1024 codes; random weights), saved for kodalle
+  (``save_vqgan``: ``model.safetensors`` + ``config.yaml``) and for dalle-pytorch (a taming
+  ``.ckpt`` + ``.yaml`` of the same weights, read by its ``VQGanVAE``);
+- a KLUE-like tokenizer (``kodalle_cli.tiny_backbone.build_klue_like``).
 
-    .venv/bin/python benchmarks/sample.py                 # dim 256, depth 4, 64 + 256 tokens
-    .venv/bin/python benchmarks/sample.py --kodalle-size  # GPU: 16 layers, dim 1024, 128 + 256
+Whole process (one comparison per ``--sizes`` n, default 8 and 32; start-up, imports,
+loading, tokenizing, generating, decoding and writing PNGs all timed):
+- ``dalle-pytorch script`` (baseline): ``python dalle_pytorch_sample.py ...``, the script in
+  ``DALLE_PYTORCH_SCRIPT`` below, what a dalle-pytorch user writes after its generate.py:
+  ``torch.load(weights_only=True)``, ``DALLE(vae=VQGanVAE(...), **hparams)``, the caption
+  through ``transformers.AutoTokenizer`` (as KoDALLE's notebook does; padded with 0 as
+  dalle-pytorch's own tokenizers do), one batch of n through
+  ``generate_images(filter_thres=0.9, cond_scale=S, use_cache=True)``, one PNG per image
+  (torchvision's ``save_image``);
+- ``kodalle sample``: ``.venv/bin/kodalle sample CAPTION --checkpoint dalle.pt --backbone DIR
+  --vqgan DIR -n N --batch-size N --seed 0 --device cpu --cond-scale S --out DIR``, which
+  also writes ``grid.png``, ``codes.npy`` and ``metadata.json``.
+Each run writes into an emptied folder (emptying it is not timed). Both processes get
+``HF_HUB_OFFLINE=1`` and, with ``--threads``, ``OMP_NUM_THREADS``.
 
-``--kodalle-size`` times kodalle alone (bf16 on GPUs that have it) for 16 images and compares
-with the memory-bandwidth floor: weight bytes x 256 steps / bandwidth.
+In-process (n = ``--in-process-n``, default 8; both sides loaded once, untimed; no files
+written): ``generate(...)`` of the same script (tokenize, ``generate_images``, its VAE decode)
+against ``kodalle_cli.generate.sample(config, loaded_run)`` (tokenize, cached decoding,
+VQGAN decode, PIL images), with the run from ``load_run(dalle.pt, backbone=, vqgan=)``.
+
+What differs: each side decodes with its own VQGAN code (taming's ``VQModel`` in
+dalle-pytorch, kodalle's ``VQGAN``; same weights); the random draws differ (same
+distribution, top-k 0.9 = ``filter_thres=0.9``). dalle-pytorch 1.6.6 ignores
+``use_cache=True`` at ``cond_scale`` 1 (``forward_with_cond_scale`` drops the cache), so at
+the default ``--cond-scale 1`` it recomputes the whole sequence at every step; at
+``--cond-scale 3`` its cache works and both sides run guidance (two passes per step).
+Numbers for KoDALLE's size on a GPU (16 images against the memory-bandwidth floor):
+``benchmarks/gpu.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-import warnings
+import importlib.util
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import dalle_pytorch
+from benchmarks.harness import Arm, command, compare, parser
+from kodalle_cli.tiny_backbone import SAMPLE_CAPTIONS, build_klue_like
 
-from kodalle_cli.model.convert import from_dalle_pytorch
-from kodalle_cli.model.dalle import DALLE, DALLEConfig
-from kodalle_cli.model.sampling import SamplingSettings, generate_codes, row_uniforms
+CAPTION = SAMPLE_CAPTIONS[2]  # 상의에서 색상은 레드이다. 카테고리는 티셔츠이다. ...
+SMALL = dict(dim=256, depth=4, heads=4, dim_head=64, text_seq_len=64, num_text_tokens=10000,
+             num_image_tokens=1024)
+TINY = dict(dim=32, depth=1, heads=2, dim_head=16, text_seq_len=16, num_text_tokens=600,
+            num_image_tokens=64)
 
+DALLE_PYTORCH_SCRIPT = '''\
+"""A dalle-pytorch 1.6.6 user's sampling script (written by benchmarks/sample.py)."""
+import argparse
+import warnings
+from pathlib import Path
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+import torch
 
-
-def build_pair(dim, depth, heads, dim_head, text_seq_len, num_text, num_image, image_size):
-    torch.manual_seed(0)
-    vae = dalle_pytorch.DiscreteVAE(image_size=image_size, num_tokens=num_image, codebook_dim=64,
-                                    num_layers=2, hidden_dim=16)
-    ref = dalle_pytorch.DALLE(
-        dim=dim, vae=vae, num_text_tokens=num_text, text_seq_len=text_seq_len, depth=depth,
-        heads=heads, dim_head=dim_head, rotary_emb=False, shift_tokens=False,
-        attn_types=("full",),
-    ).eval()
-    cfg, sd = from_dalle_pytorch(ref.state_dict(), {"heads": heads, "text_seq_len": text_seq_len})
-    ours = DALLE(cfg).eval()
-    ours.load_state_dict(sd)
-    return ref, ours, vae
+warnings.filterwarnings("ignore")
+from dalle_pytorch import DALLE, VQGanVAE  # noqa: E402
+from torchvision.utils import save_image  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 
-def timed(fn, device, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def load(checkpoint, vqgan_ckpt, vqgan_yaml, tokenizer_dir):
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    dalle = DALLE(vae=VQGanVAE(vqgan_ckpt, vqgan_yaml), **ckpt["hparams"])
+    missing, unexpected = dalle.load_state_dict(ckpt["weights"], strict=False)
+    assert not unexpected and all(k.startswith("vae.") for k in missing), (missing, unexpected)
+    return dalle.eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def compare(args):
-    device = torch.device("cpu")
-    ref, ours, vae = build_pair(args.dim, args.depth, args.heads, args.dim_head,
-                                args.text_seq_len, args.num_text, args.num_image, 64)
-    n = args.n
-    text = torch.randint(1, args.num_text, (1, args.text_seq_len)).repeat(n, 1)
-    text[:, args.text_seq_len // 2 :] = 0  # padding (dalle-pytorch's pad id 0)
-    codes = torch.randint(0, args.num_image, (n, 100))
+def generate(dalle, tokenizer, caption, n, cond_scale):
+    ids = tokenizer(caption, truncation=True, max_length=dalle.text_seq_len)["input_ids"]
+    text = torch.zeros(n, dalle.text_seq_len, dtype=torch.long)  # dalle-pytorch pads with 0
+    text[:, : len(ids)] = torch.tensor(ids)
     with torch.no_grad():
-        diff = (ref(text, codes) - ours(text, codes)).abs().max().item()
-    print(f"model: dim {args.dim}, depth {args.depth}, {args.heads}x{args.dim_head} heads, "
-          f"{args.text_seq_len} text + {ours.image_seq_len} image tokens, vocab "
-          f"{args.num_text} text / {args.num_image} image; "
-          f"{sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters; "
-          f"max |logit diff| dalle-pytorch vs kodalle: {diff:.2e}")
-    print(f"n = {n} images of one caption, one batch, CPU threads {torch.get_num_threads()}, "
-          f"best of {args.repeat}")
-    results = {}
-    for cond_scale in (1.0, 3.0):
-        settings = SamplingSettings(top_k=0.9, cond_scale=cond_scale)
-        uniforms = torch.stack([row_uniforms(0, 0, i, ours.image_seq_len) for i in range(n)])
-
-        def kd(settings=settings, uniforms=uniforms):
-            with torch.no_grad():
-                return vae.decode(generate_codes(ours, text, uniforms, settings))
-
-        secs, _ = timed(kd, device, args.repeat)
-        results[("kodalle", cond_scale)] = secs
-        print(f"kodalle generate_codes + decode cond_scale {cond_scale:g}: {secs:.2f} s, "
-              f"{n / secs:.2f} images/s", flush=True)
-        for use_cache in (False, True):
-            def dp(cond_scale=cond_scale, use_cache=use_cache):
-                with torch.no_grad():
-                    return ref.generate_images(text, filter_thres=0.9, cond_scale=cond_scale,
-                                               use_cache=use_cache)
-
-            secs, _ = timed(dp, device, args.repeat)
-            note = " (ignored: recomputes)" if use_cache and cond_scale == 1 else ""
-            results[("dalle-pytorch", cond_scale, use_cache)] = secs
-            print(f"dalle-pytorch generate_images cond_scale {cond_scale:g} use_cache "
-                  f"{use_cache}{note}: {secs:.2f} s, {n / secs:.2f} images/s", flush=True)
-
-        secs = results[("kodalle", cond_scale)]
-        base = results[("dalle-pytorch", cond_scale, False)]
-        cached = results[("dalle-pytorch", cond_scale, True)]
-        print(f"  => kodalle cond_scale {cond_scale:g}: {base / secs:.1f}x dalle-pytorch default "
-              f"(use_cache=False), {cached / secs:.1f}x its use_cache=True path", flush=True)
+        return dalle.generate_images(text, filter_thres=0.9, cond_scale=cond_scale,
+                                     use_cache=True)
 
 
-def kodalle_size(args):
-    from kodalle_cli.device import pick_device, pick_dtype
-
-    device = pick_device(args.device)
-    dtype = pick_dtype("auto", device)
-    cfg = DALLEConfig(num_text_tokens=32000, num_image_tokens=16384, image_fmap_size=16,
-                      dim=1024, depth=16, heads=8, dim_head=64, text_seq_len=128)
-    model = DALLE(cfg).eval().to(device=device, dtype=dtype)
-    n = 16
-    text = torch.randint(5, 32000, (n, 128), device=device)
-    text[:, 40:] = cfg.pad_id
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # the per-step weights actually read: everything but the embedding tables (rows gathered)
-    read_bytes = weight_bytes - sum(
-        p.numel() * p.element_size()
-        for p in (model.text_emb.weight, model.text_pos_emb.weight, model.image_emb.weight))
-    print(f"KoDALLE-size model on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"{dtype}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
-          f"{read_bytes / 1e9:.2f} GB read per step")
-    for cond_scale in (1.0, 3.0):
-        settings = SamplingSettings(top_k=0.9, cond_scale=cond_scale)
-        uniforms = torch.stack([row_uniforms(0, 0, i, 256) for i in range(n)])
-        secs, _ = timed(lambda s=settings, u=uniforms: generate_codes(model, text, u, s),
-                        device, args.repeat)
-        floor = read_bytes * 256 / (args.bandwidth_gbs * 1e9)
-        print(f"cond_scale {cond_scale:g}: {secs:.2f} s for {n} images ({n / secs:.1f} "
-              f"images/s); bandwidth floor {floor:.2f} s at {args.bandwidth_gbs:g} GB/s "
-              f"({floor / secs:.0%} of it reached)", flush=True)
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    for name in ("checkpoint", "vqgan_ckpt", "vqgan_yaml", "tokenizer", "caption", "out"):
+        ap.add_argument(name)
+    ap.add_argument("-n", type=int, default=8)
+    ap.add_argument("--cond-scale", type=float, default=1.0)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dalle, tokenizer = load(args.checkpoint, args.vqgan_ckpt, args.vqgan_yaml, args.tokenizer)
+    images = generate(dalle, tokenizer, args.caption, args.n, args.cond_scale)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_image(image, out / f"{i:04d}.png")
+'''
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim-head", type=int, default=64)
-    p.add_argument("--text-seq-len", type=int, default=64)
-    p.add_argument("--num-text", type=int, default=10000)
-    p.add_argument("--num-image", type=int, default=1024)
-    p.add_argument("-n", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; 1 on a shared, busy machine)")
-    p.add_argument("--kodalle-size", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--bandwidth-gbs", type=float, default=3350.0,
-                   help="GPU memory bandwidth for the floor (H100 SXM: 3350, A100 80GB: 2039)")
-    args = p.parse_args()
+def build(work: Path, size: dict, vqgan_ch: int, quick: bool) -> dict:
+    """The shared files: the .pt, the VQGAN in both formats, the tokenizer, the script."""
+    from kodalle_cli.model.convert import save_dalle_pytorch_checkpoint
+    from kodalle_cli.model.dalle import DALLE, DALLEConfig
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig, save_taming_checkpoint, save_vqgan
+
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(n_embed=size["num_image_tokens"], ch=vqgan_ch,
+                           num_res_blocks=1 if quick else 2))
+    model = DALLE(DALLEConfig(**size, image_fmap_size=vq.fmap_size, unique_pad_tokens=True,
+                              pad_id=0))  # dalle-pytorch's layout: its DALLE loads the file
+    files = {"pt": work / "dalle.pt", "vqgan": save_vqgan(vq, work / "vqgan"),
+             "taming": save_taming_checkpoint(vq, work / "taming" / "vqgan.ckpt"),
+             "backbone": build_klue_like(work / "backbone"),
+             "script": work / "dalle_pytorch_sample.py"}
+    save_dalle_pytorch_checkpoint(model, files["pt"])
+    files["script"].write_text(DALLE_PYTORCH_SCRIPT)
+    return files
+
+
+def emptied(folder: Path):
+    return lambda: shutil.rmtree(folder, ignore_errors=True)
+
+
+def outputs(work: Path, n: int) -> tuple[Path, Path]:
+    return work / f"out-dalle-pytorch-{n}", work / f"out-kodalle-{n}"
+
+
+def whole_process_arms(files: dict, work: Path, n: int, cond_scale: float, env: dict) -> list:
+    taming = files["taming"]
+    dp_out, kd_out = outputs(work, n)
+    kodalle = Path(sys.executable).with_name("kodalle")
+    return [
+        command("dalle-pytorch script", [
+            sys.executable, files["script"], files["pt"], taming, taming.with_suffix(".yaml"),
+            files["backbone"], CAPTION, dp_out, "-n", n, "--cond-scale", cond_scale,
+        ], env=env, per=n, before=emptied(dp_out)),
+        command("kodalle sample", [
+            kodalle, "sample", CAPTION, "--checkpoint", files["pt"], "--backbone",
+            files["backbone"], "--vqgan", files["vqgan"], "-n", n, "--batch-size", n,
+            "--seed", 0, "--device", "cpu", "--cond-scale", cond_scale, "--out", kd_out,
+        ], env=env, per=n, before=emptied(kd_out)),
+    ]
+
+
+def in_process_arms(files: dict, n: int, cond_scale: float) -> list:
+    from kodalle_cli.generate import SampleConfig, sample
+    from kodalle_cli.runs import load_run
+
+    spec = importlib.util.spec_from_file_location("dalle_pytorch_sample", files["script"])
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    taming = files["taming"]
+    dalle, tokenizer = script.load(str(files["pt"]), str(taming),
+                                   str(taming.with_suffix(".yaml")), str(files["backbone"]))
+    run = load_run(files["pt"], backbone=str(files["backbone"]), vqgan=str(files["vqgan"]))
+    config = SampleConfig([CAPTION], n=n, out=None, batch_size=n, seed=0, device="cpu",
+                          cond_scale=cond_scale, progress=False)
+
+    def dalle_pytorch() -> None:
+        script.generate(dalle, tokenizer, CAPTION, n, cond_scale)
+
+    def kodalle() -> None:
+        sample(config, run)
+
+    return [Arm("dalle-pytorch generate_images", dalle_pytorch, per=n),
+            Arm("kodalle sample()", kodalle, per=n)]
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--sizes", default="8,32", help="images per whole-process comparison")
+    ap.add_argument("--in-process-n", type=int, default=8, help="0: no in-process comparison")
+    ap.add_argument("--cond-scale", type=float, default=1.0, help="both sides (1: no guidance)")
+    ap.add_argument("--vqgan-ch", type=int, default=32, help="VQGAN width (KoDALLE: 128)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of both sides (default: torch's own)")
+    args = ap.parse_args()
+    size, sizes, in_n = SMALL, [int(s) for s in args.sizes.split(",") if s], args.in_process_n
+    if args.quick:
+        size, sizes, in_n = TINY, [2], min(in_n, 2)
+    env = {"HF_HUB_OFFLINE": "1"}
     if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
-    if args.kodalle_size:
-        kodalle_size(args)
-    else:
-        compare(args)
+    desc = (f"dim {size['dim']}, depth {size['depth']}, {size['heads']}x{size['dim_head']} "
+            f"heads, {size['text_seq_len']} text + 256 image tokens, VQGAN ch {args.vqgan_ch}, "
+            f"top-k 0.9, cond_scale {args.cond_scale:g}, dalle-pytorch use_cache=True"
+            + (" (ignored by it at cond_scale 1)" if args.cond_scale == 1 else ""))
+    with tempfile.TemporaryDirectory(prefix="kodalle-bench-sample-") as tmp:
+        work = Path(tmp)
+        files = build(work, size, args.vqgan_ch, args.quick)
+        for n in sizes:
+            compare(f"whole process, {n} images of one caption, PNGs written; {desc}; "
+                    "per s = images/s",
+                    whole_process_arms(files, work, n, args.cond_scale, env), args)
+            for out in outputs(work, n):  # both really wrote n images
+                pngs = list(out.rglob("[0-9]*.png"))
+                assert len(pngs) == n, f"{out}: {len(pngs)} PNGs, expected {n}"
+        if in_n:
+            compare(f"in-process, {in_n} images of one caption, weights already loaded; "
+                    f"{desc}; per s = images/s",
+                    in_process_arms(files, in_n, args.cond_scale), args)
 
 
 if __name__ == "__main__":

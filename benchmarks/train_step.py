@@ -1,16 +1,35 @@
-"""Training-step throughput: kodalle's DALLE vs dalle-pytorch 1.6.6, same machine and config.
+"""Training-step throughput: kodalle's DALLE against dalle-pytorch 1.6.6, same weights.
 
-(a) both on precomputed codes; (b) end to end: dalle-pytorch encodes raw images with a VQGAN
-every step (as its train_dalle.py does), kodalle reads token shards. Prints samples/s.
+    .venv/bin/python -m benchmarks.train_step             # the small CPU config, 5 runs per arm
+    .venv/bin/python -m benchmarks.train_step --quick     # smoke run: a tiny model
+    .venv/bin/python -m benchmarks.train_step --json out.json --steps 3
 
-    .venv/bin/python benchmarks/train_step.py            # CPU config of the issue
-    .venv/bin/python benchmarks/train_step.py --device cuda --dim 1024 --depth 16 \
-        --text-seq-len 128 --fmap 16 --batch 40 --text-vocab 32000 --image-vocab 16384
+Config (the issue's CPU config): dim 256, depth 4, 4 heads x 64, text 64 + image 256 tokens,
+batch 8, text vocab 32000 (klue's size), image vocab 1024; stock dalle-pytorch layers (full
+attention, no rotary, no token shift), its random weights converted into kodalle's DALLE with
+``from_dalle_pytorch``. The VQGAN is KoDALLE's (f16, ch 128, ch_mult 1,1,2,2,4, 2 res blocks,
+256 px; ``--vqgan-ch`` narrows it) with a 1024-entry codebook, random weights; dalle-pytorch
+reads it through its ``VQGanVAE`` from a taming checkpoint of the same weights.
+
+A run of an arm is ``--steps`` training steps (forward, backward, one AdamW step each); the
+time is seconds per step, ``per s`` samples/s. Two comparisons, arms interleaved in each:
+(a) precomputed codes: dalle-pytorch ``DALLE(text, codes, return_loss=True)`` against
+    kodalle's ``DALLE(text, codes, return_loss=True)``;
+(b) end to end: dalle-pytorch on raw 256 px images (its VAE encodes them every step, as its
+    train_dalle.py does) against kodalle reading token shards (``TokenBatches`` through a
+    one-worker DataLoader); a third arm times the one-off cost kodalle pays instead,
+    ``kodalle tokenize``'s image half: ``VQGAN.encode`` of one batch.
+From (b) the script prints the epoch count from which kodalle, tokenize included, costs less
+than dalle-pytorch: tokenize / (dalle-pytorch step - kodalle step), per batch. Neither side's
+JPEG decoding or caption tokenization is counted (dalle-pytorch's loader decodes every epoch,
+``kodalle tokenize`` once). GPU numbers (KoDALLE size, MFU): ``benchmarks/gpu.py``.
 """
 
 from __future__ import annotations
 
-import argparse
+import atexit
+import math
+import shutil
 import tempfile
 import time
 import warnings
@@ -19,53 +38,55 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.harness import Arm, compare, parser, sync
+from kodalle_cli.data.tokens import TokenBatches, TokenShardsWriter
+from kodalle_cli.model import DALLE
+from kodalle_cli.model.convert import from_dalle_pytorch
+from kodalle_cli.vqgan import VQGAN, VQGANConfig, save_taming_checkpoint
 
-def timed(step, warmup: int, iters: int, device) -> float:
-    for _ in range(warmup):
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import dalle_pytorch
+
+QUICK = dict(dim=32, depth=1, heads=2, dim_head=16, text_seq_len=8, fmap=16, batch=2,
+             text_vocab=100, image_vocab=64, vqgan_ch=32, steps=1)
+
+
+def per_step(step, steps: int, device) -> float:
+    """Seconds per step over ``steps`` steps."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
+    sync(device)
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dim-head", type=int, default=64)
     ap.add_argument("--text-seq-len", type=int, default=64)
-    ap.add_argument("--fmap", type=int, default=16)
+    ap.add_argument("--fmap", type=int, default=16, help="image code grid side (16: 256 px)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-vocab", type=int, default=32000)
     ap.add_argument("--image-vocab", type=int, default=1024)
-    ap.add_argument("--vqgan-ch", type=int, default=32, help="VQGAN width for (b)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--vqgan-ch", type=int, default=128, help="VQGAN width (KoDALLE: 128)")
+    ap.add_argument("--steps", type=int, default=2, help="training steps per timed run")
     args = ap.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     device = torch.device(args.device)
     torch.manual_seed(0)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import dalle_pytorch
-
-    from kodalle_cli.model import DALLE
-    from kodalle_cli.model.convert import from_dalle_pytorch
-    from kodalle_cli.vqgan import VQGAN, VQGANConfig, save_taming_checkpoint
-
     B, T, N = args.batch, args.text_seq_len, args.fmap**2
-    vq = VQGAN(VQGANConfig(n_embed=args.image_vocab, embed_dim=64, ch=args.vqgan_ch,
-                           ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
-                           resolution=args.fmap * 16, z_channels=64))
-    tmp = Path(tempfile.mkdtemp())
+
+    tmp = Path(tempfile.mkdtemp(prefix="kodalle-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    vq = VQGAN(VQGANConfig(n_embed=args.image_vocab, ch=args.vqgan_ch, resolution=args.fmap * 16,
+                           num_res_blocks=1 if args.quick else 2)).eval().to(device)
     ckpt = save_taming_checkpoint(vq, tmp / "vqgan.ckpt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -85,32 +106,18 @@ def main() -> None:
     opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
 
-    def step_ref(image=codes):
-        loss = ref(text, image, return_loss=True)
-        loss.backward()
+    def step_ref(image) -> None:
+        ref(text, image, return_loss=True).backward()
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    def step_ours(batch=None):
-        t, c = (text, codes) if batch is None else (batch["ids"], batch["codes"])
-        loss, _ = ours(t, c, return_loss=True)
+    def step_ours(ids, image_codes) -> None:
+        loss, _ = ours(ids, image_codes, return_loss=True)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    print(f"device {device}, dim {args.dim}, depth {args.depth}, heads {args.heads}x"
-          f"{args.dim_head}, text {T} + image {N} tokens, batch {B}, text vocab "
-          f"{args.text_vocab}, image vocab {args.image_vocab}, torch {torch.__version__}")
-    t_ref = timed(step_ref, args.warmup, args.iters, device)
-    t_ours = timed(step_ours, args.warmup, args.iters, device)
-    print(f"(a) precomputed codes: dalle-pytorch {B / t_ref:.2f} samples/s, kodalle "
-          f"{B / t_ours:.2f} samples/s, speed-up {t_ref / t_ours:.2f}x")
-
-    if args.skip_e2e:
-        return
-    # (b) dalle-pytorch encodes raw images every step; kodalle reads token shards
-    from kodalle_cli.data.tokens import TokenBatches, TokenShardsWriter
-
+    # token shards for (b): what `kodalle tokenize` writes; TokenBatches streams them forever
     with TokenShardsWriter(tmp / "tokens", text_seq_len=T, num_image_tokens=args.image_vocab,
                            image_fmap_size=args.fmap, pad_id=0, tokenizer_hash="bench",
                            vqgan={"hash": "bench"}) as w:
@@ -120,19 +127,42 @@ def main() -> None:
     batches = iter(torch.utils.data.DataLoader(
         TokenBatches(tmp / "tokens", batch_size=B), batch_size=None, num_workers=1))
 
-    def step_ours_e2e():
+    def step_ours_shards() -> None:
         batch = next(batches)
-        step_ours({k: v.to(device) for k, v in batch.items()})
+        step_ours(batch["ids"].to(device), batch["codes"].to(device))
 
-    t_ref_e2e = timed(lambda: step_ref(images), args.warmup, args.iters, device)
-    t_ours_e2e = timed(step_ours_e2e, args.warmup, args.iters, device)
-    print(f"(b) end to end: dalle-pytorch (VQGAN encode each step) {B / t_ref_e2e:.2f} "
-          f"samples/s, kodalle (token shards) {B / t_ours_e2e:.2f} samples/s, speed-up "
-          f"{t_ref_e2e / t_ours_e2e:.2f}x")
-    if device.type == "cuda":
-        flops = ours.flops_per_token() * B * (T + N) / t_ours
-        peak = torch.cuda.get_device_properties(device).name
-        print(f"kodalle model FLOP/s {flops / 1e12:.1f} TFLOP/s on {peak}")
+    def tokenize_once() -> float:
+        sync(device)
+        start = time.perf_counter()
+        vq.encode(images)
+        sync(device)
+        return time.perf_counter() - start
+
+    size = (f"dim {args.dim}, depth {args.depth}, heads {args.heads}x{args.dim_head}, text {T} "
+            f"+ image {N} tokens, batch {B}, vocab {args.text_vocab} text / {args.image_vocab} "
+            f"image, {device}; seconds per step, per s = samples/s")
+    steps = args.steps
+    compare(f"(a) training step on precomputed codes; {size}", [
+        Arm("dalle-pytorch", lambda: per_step(lambda: step_ref(codes), steps, device), per=B),
+        Arm("kodalle", lambda: per_step(lambda: step_ours(text, codes), steps, device), per=B),
+    ], args, unit="s/step")
+    result = compare(f"(b) end to end (VQGAN ch {args.vqgan_ch}); {size}", [
+        Arm("dalle-pytorch, VQGAN encode every step",
+            lambda: per_step(lambda: step_ref(images), steps, device), per=B),
+        Arm("kodalle, token shards", lambda: per_step(step_ours_shards, steps, device), per=B),
+        Arm("one-off: kodalle tokenize's VQGAN.encode", tokenize_once, per=B),
+    ], args, unit="s/step")
+    dp, ours_step, tok = (row["median"] for row in result["arms"])
+    print(f"one-off tokenize: {tok / B:.3g} s per sample ({tok / ours_step:.2g} kodalle steps' "
+          f"worth); per epoch and sample: dalle-pytorch {dp / B:.3g} s, kodalle "
+          f"{ours_step / B:.3g} s")
+    if dp > ours_step:
+        even = tok / (dp - ours_step)
+        print(f"break-even: kodalle end to end, tokenize included, costs less than dalle-pytorch "
+              f"from epoch {math.floor(even) + 1} on (tokenize / (dalle-pytorch step - kodalle "
+              f"step) = {even:.2f} epochs)")
+    else:
+        print("break-even: none (kodalle's step is not faster than dalle-pytorch's here)")
 
 
 if __name__ == "__main__":
