@@ -13,7 +13,7 @@ from kodalle_cli.cli import main
 from kodalle_cli.errors import KodalleError
 
 COMMANDS = ["prepare", "tokenize", "train", "train vqgan", "train reranker", "sample",
-            "attributes", "rerank", "score", "backbones", "demo"]
+            "attributes", "rerank", "score", "serve", "backbones", "demo"]
 
 
 def run(args, capsys):
