@@ -8,6 +8,12 @@ tokenizer, VQGAN or text_seq_len differ from an existing manifest's is refused i
 mixing tokens. Captions become ids through :class:`kodalle_cli.text.CaptionEncoder`, the
 encoder ``kodalle sample`` uses too.
 
+A killed run, re-run, gives the same bytes as a clean one (a shard is redone unless its stats
+file says it is finished). Unreadable samples (bad image bytes, a truncated tar) are skipped
+with a warning naming shard and key and listed in the shard's stats; more than
+``max_bad_fraction`` of them stops the run without a manifest. A full disk is one line
+saying so; no partial shard is left.
+
 Python use::
 
     from kodalle_cli.tokenize import TokenizeConfig, tokenize
@@ -23,10 +29,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kodalle_cli.atomic import disk_full_error, is_disk_full
 from kodalle_cli.configs import TokenizeConfig
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.data.shards import remove_stale_temporaries, stats_path
-from kodalle_cli.errors import KodalleError, UsageError
+from kodalle_cli.errors import KodalleError, UsageError, warn
 from kodalle_cli.text import CaptionEncoder
 
 
@@ -39,6 +46,7 @@ class TokenizeSummary:
     shards_skipped: int = 0
     seconds: float = 0.0
     images_encoded: int = 0  # this run (skipped shards not counted)
+    bad: int = 0  # unreadable samples skipped (earlier runs' shards included)
 
     @property
     def images_per_second(self) -> float:
@@ -95,6 +103,7 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
 
     summary = TokenizeSummary(out=out)
     todo = [(split, p) for split, paths in inputs.items() for p in paths]
+    budget = _BadBudget(cfg.max_bad_fraction, _expected_samples([p for _, p in todo]))
     writer = token_shards.TokenShardsWriter(
         out, text_seq_len=cfg.text_seq_len, num_image_tokens=vqgan.num_tokens,
         image_fmap_size=vqgan.fmap_size, pad_id=text.pad_id,
@@ -109,22 +118,37 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
     )
     start = time.perf_counter()
     encoded = 0
-    with writer, _progress(cfg.progress) as bar:
-        task = bar.add_task("tokenize", total=len(todo), rate="")
-        for split, shard in todo:
-            stats = _finished_stats(out / shard.name, identity)
-            if stats is not None:
-                summary.shards_skipped += 1
-                writer.add_finished(split, shard.name, stats["count"])
-            else:
-                stats = _tokenize_shard(writer, split, shard, text, vqgan, cfg, identity)
-                summary.shards_written += 1
-                encoded += stats["count"]
-            summary.samples[split] = summary.samples.get(split, 0) + stats["count"]
-            summary.truncated += stats["truncated"]
-            rate = encoded / (time.perf_counter() - start)
-            bar.update(task, advance=1, rate=f"{rate:.1f} images/s")
-        writer.extra["truncated"] = summary.truncated
+    try:
+        with writer, _progress(cfg.progress) as bar:
+            task = bar.add_task("tokenize", total=len(todo), rate="")
+            for split, shard in todo:
+                stats = _finished_stats(out / shard.name, identity)
+                if stats is not None:
+                    summary.shards_skipped += 1
+                    writer.add_finished(split, shard.name, stats["count"])
+                else:
+                    stats = _tokenize_shard(writer, split, shard, text, vqgan, cfg, identity,
+                                            budget)
+                    summary.shards_written += 1
+                    encoded += stats["count"]
+                summary.samples[split] = summary.samples.get(split, 0) + stats["count"]
+                summary.truncated += stats["truncated"]
+                budget.add(stats["count"], stats.get("bad", 0))
+                rate = encoded / (time.perf_counter() - start)
+                bar.update(task, advance=1, rate=f"{rate:.1f} images/s")
+            budget.check_total()  # before the manifest: too many bad ones leave none
+            writer.extra["truncated"] = summary.truncated
+            if budget.bad:
+                writer.extra["bad"] = budget.bad
+    except KodalleError:
+        raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(
+                "token shards", out, "the shards finished so far are kept and no partial one "
+                "is left; free space and run the same command to go on") from None
+        raise
+    summary.bad = budget.bad
     summary.seconds = time.perf_counter() - start
     summary.images_encoded = encoded
     return summary
@@ -170,12 +194,17 @@ def _finished_stats(target: Path, identity: dict) -> dict | None:
 
 
 def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: Path,
-                    text: CaptionEncoder, vqgan, cfg, identity: dict) -> dict:
-    """One image shard -> the token shard of the same name, with its stats file."""
+                    text: CaptionEncoder, vqgan, cfg, identity: dict,
+                    budget: _BadBudget) -> dict:
+    """One image shard -> the token shard of the same name, with its stats file. Samples
+    that cannot be read are skipped with a warning naming shard and key (and listed in the
+    stats); the budget stops the run once too many are bad."""
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
+    from kodalle_cli.train.checkpoint import kill_hook
 
     stats = {"count": 0, "truncated": 0, "source": shard.name, **identity}
+    skipped: list[dict] = []
     writer.open_shard(split, shard.name)
     batch: list = []
 
@@ -188,15 +217,71 @@ def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: P
         stats["count"] += len(batch)
         stats["truncated"] += truncated
         batch.clear()
+        kill_hook("KODALLE_TEST_KILL_IN_TOKENIZE", f"{shard.name}:{stats['count']}")
 
-    for sample in iter_image_samples(shard, split=None, split_by_worker=False):
+    def bad(path: str, key: str, reason: str) -> None:
+        skipped.append({"key": key, "reason": reason})
+        warn(f"{path}{': ' + key if key else ''}: {reason}; skipped")
+        budget.check_running(len(skipped))
+
+    for sample in iter_image_samples(shard, split=None, split_by_worker=False, on_bad=bad):
         batch.append(sample)
         if len(batch) == cfg.batch_size:
             flush()
     if batch:
         flush()
+    listed = _image_shard_count(shard)  # samples lost to a truncated tar count as bad
+    if skipped or (listed is not None and listed > stats["count"]):
+        lost = listed - stats["count"] if listed is not None else 0
+        stats["bad"] = max(len(skipped), lost)
+        stats["skipped"] = skipped
+        budget.check_running(stats["bad"])
     writer.finish_shard(split, stats)  # the stats file, renamed last, marks it finished
     return stats
+
+
+def _image_shard_count(shard: Path) -> int | None:
+    """The samples `kodalle prepare` wrote to an image shard (its stats file), if known."""
+    try:
+        stats = json.loads(stats_path(shard).read_text(encoding="utf-8"))
+        return int(stats["samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _expected_samples(shards: list[Path]) -> int | None:
+    counts = [_image_shard_count(p) for p in shards]
+    return None if any(c is None for c in counts) else sum(counts)
+
+
+class _BadBudget:
+    """``--max-bad-fraction``: stops as soon as the bad samples exceed the share of all the
+    samples the image shards list (when their stats say), else when the run ends."""
+
+    def __init__(self, fraction: float, expected: int | None):
+        self.fraction, self.expected = fraction, expected
+        self.good = self.bad = 0
+
+    def add(self, good: int, bad: int) -> None:
+        self.good += good
+        self.bad += bad
+
+    def _error(self, bad: int, total: int) -> KodalleError:
+        return KodalleError(
+            f"{bad} of {total} samples are unreadable (more than --max-bad-fraction "
+            f"{self.fraction:g}; the warnings above name them): repair or re-run "
+            "`kodalle prepare`, or allow more with --max-bad-fraction"
+        )
+
+    def check_running(self, bad_in_shard: int) -> None:
+        bad = self.bad + bad_in_shard
+        if self.expected is not None and bad > self.fraction * self.expected:
+            raise self._error(bad, self.expected)
+
+    def check_total(self) -> None:
+        total = self.good + self.bad
+        if self.bad > self.fraction * max(total, 1):
+            raise self._error(self.bad, total)
 
 
 def _progress(enabled: bool):

@@ -180,3 +180,107 @@ def test_token_writer_names_shards_writes_stats_and_leaves_nothing_on_error(tmp_
         w.write("val", "k", np.zeros(4), np.zeros(4), "c")
         raise RuntimeError("killed")
     assert list((tmp_path / "b").iterdir()) == []
+
+
+# ---- faults: a kill, bad images, a full disk ---------------------------------------------------
+def token_files(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_killed_tokenize_rerun_gives_the_bytes_of_a_clean_run(setup, tmp_path):
+    """SIGKILL (the whole process group) half-way through the second shard, then the same
+    command again: every token shard, stats file and the manifest are byte-identical to an
+    uninterrupted run's, and no temporary file is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root, backbone, shards = setup
+    tokenize(config(setup, out=tmp_path / "clean"))
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "KODALLE_TEST_KILL_IN_TOKENIZE": "train-000001.tar:2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kodalle_cli", "tokenize", str(shards), "--vqgan",
+         str(root / "vqgan"), "--backbone", str(backbone), "--text-seq-len", "16", "--out",
+         str(out), "--device", "cpu", "--batch-size", "2"],
+        env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / "train-000000_stats.json").is_file() and not (out / "manifest.json").exists()
+    assert list(out.glob(".train-000001.tar.tmp-*"))  # the shard it was writing
+    tokenize(config(setup, out=out))
+    assert token_files(out) == token_files(tmp_path / "clean")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def damaged_image_shards(setup, tmp_path):
+    """A copy of the image shards with bad JPEG bytes in s0001 and the second train shard
+    cut short (its stats file, as prepare writes it, says it held 3 samples)."""
+    import shutil
+
+    _, _, shards = setup
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns("tokens"))
+    samples = []
+    import tarfile
+
+    with tarfile.open(copy / "train-000000.tar") as tar:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read()
+            samples.append((m, b"\xff\xd8 not a jpeg" if m.name == "s0001.jpg" else data))
+    with tarfile.open(copy / "train-000000.tar", "w") as tar:
+        for m, data in samples:
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    second = copy / "train-000001.tar"
+    second.write_bytes(second.read_bytes()[:2500])
+    (copy / "train-000001_stats.json").write_text('{"samples": 3}')
+    return copy
+
+
+def test_tokenize_skips_unreadable_images_and_stops_past_the_fraction(setup, tmp_path, capsys):
+    shards = damaged_image_shards(setup, tmp_path)
+    with pytest.raises(KodalleError, match="unreadable .* --max-bad-fraction"):
+        tokenize(config(setup, shards=shards, out=tmp_path / "strict"))
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    capsys.readouterr()
+
+    summary = tokenize(config(setup, shards=shards, out=tmp_path / "t", max_bad_fraction=0.5))
+    warned = capsys.readouterr().err
+    assert "train-000000.tar: s0001: unreadable sample" in warned
+    assert "train-000001.tar" in warned and "unreadable tar" in warned
+    stats = json.loads((tmp_path / "t" / "train-000000_stats.json").read_text())
+    assert stats["count"] == 2 and stats["bad"] == 1 and stats["skipped"][0]["key"] == "s0001"
+    assert summary.bad == 1 + 3 - token_shards.read_manifest(tmp_path / "t")["splits"][
+        "train"]["shards"][1]["count"]
+    manifest = token_shards.read_manifest(tmp_path / "t")
+    assert manifest["bad"] == summary.bad
+    keys = [s["key"] for s in token_shards.read_shard(tmp_path / "t" / "train-000000.tar")]
+    assert keys == ["s0000", "s0002"]
+
+
+def test_tokenize_disk_full_leaves_no_partial_shard(setup, tmp_path, monkeypatch):
+    import errno
+
+    import webdataset as wds
+
+    real_write = wds.TarWriter.write
+
+    def full_disk(self, obj):
+        if obj["__key__"] == "s0004":  # in the second train shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, obj)
+
+    out = tmp_path / "t"
+    monkeypatch.setattr(wds.TarWriter, "write", full_disk)
+    with pytest.raises(KodalleError) as err:
+        tokenize(config(setup, out=out))
+    assert "disk full (no space left on device)" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in out.iterdir()) == ["train-000000.tar",
+                                                      "train-000000_stats.json"]
+    monkeypatch.setattr(wds.TarWriter, "write", real_write)
+    again = tokenize(config(setup, out=out))  # space freed: the same command goes on
+    assert again.shards_skipped == 1 and again.shards_written == 2
