@@ -128,6 +128,10 @@ def train(
 
     Multi-GPU / multi-node: torchrun --nproc_per_node 8 -m kodalle_cli train ...
 
+    Ctrl-C finishes the step, saves a checkpoint and exits 130 (a second Ctrl-C stops at
+    once); run the same command again to resume. Exit codes: 0 done, 1 error, 2 bad
+    usage, 130 interrupted.
+
     Example: kodalle train --backbone klue-roberta-large --data shards --max-steps 100000
     """
     if ctx.invoked_subcommand is not None:
@@ -433,7 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     except KodalleError as exc:
         if debug:
             raise
-        err_console.print(f"Error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        prefix = "" if exc.exit_code == 130 else "Error: "  # Ctrl-C: what was saved, not a fault
+        err_console.print(f"{prefix}{exc}", style="red", markup=False, highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("Interrupted.", style="red")
