@@ -249,9 +249,11 @@ def sample(
     prompted = bool(options.get("attr")) or options.get("init_image") is not None
     config = SampleConfig(captions=read_captions(captions, captions_file,
                                                  allow_empty=prompted), **options)
+    from kodalle_cli.output import printable
+
     for result in run_sample(config):
         console.print(f"{result.directory}  {len(result.images)} images  "
-                      f"{result.caption[:60]}", markup=False, highlight=False)
+                      f"{printable(result.caption)}", markup=False, highlight=False)
 
 
 @app.command()
@@ -301,9 +303,14 @@ def rerank(
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table("rank", "score", "image", title=caption)
+    from rich.text import Text
+
+    from kodalle_cli.output import printable
+
+    # user text is shown as text: never read as rich markup, escape sequences made visible
+    table = Table("rank", "score", "image", title=Text(printable(caption, None)))
     for r in rows:
-        table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["image"])
+        table.add_row(str(r["rank"]), f"{r['score']:.4f}", Text(printable(r["image"], None)))
     console.print(table)
 
 

@@ -385,10 +385,10 @@ def _build_model(config: dict, where: Path):
 
 
 def _run_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
+    from kodalle_cli.text import load_run_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory)
+        return load_run_tokenizer(directory)
     except Exception as exc:  # noqa: BLE001 - OSError, JSON, tokenizers' own errors
         raise KodalleError(
             f"cannot load the run's tokenizer {directory}: damaged ({type(exc).__name__}: "

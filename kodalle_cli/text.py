@@ -21,6 +21,7 @@ import contextlib
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -171,3 +172,99 @@ class CaptionEncoder:
             ids[i, span] = torch.tensor(k, dtype=torch.long)
             mask[i, span] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+# ---- sampling without transformers ----------------------------------------------------------
+RAW_CHECK = "kodalle-raw-tokenizer.json"
+
+
+class RawTokenizer:
+    """A run's ``tokenizer.json`` through the ``tokenizers`` library alone: the part of a
+    transformers tokenizer :class:`CaptionEncoder` calls (ids with the special tokens, cut to
+    a length; the unknown and special ids), without importing transformers, which is about a
+    second of every ``kodalle sample``'s start-up.
+
+    transformers may change a tokenizer.json's behaviour from its tokenizer_config (lower
+    casing, prefix spaces, added tokens), so a run uses this only where
+    :func:`check_raw_tokenizer` found it gives transformers' ids: the check file beside it
+    names the tokenizer.json's hash (see :func:`load_run_tokenizer`)."""
+
+    padding_side = "right"
+
+    def __init__(self, path: str | Path, unk_token_id: int | None,
+                 all_special_ids: Sequence[int]):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+        # transformers' own answers, recorded by the check (its special tokens come from the
+        # tokenizer config, which may list fewer than tokenizer.json marks special)
+        self.unk_token_id = unk_token_id
+        self.all_special_ids = list(all_special_ids)
+
+    def __call__(self, texts: Sequence[str], add_special_tokens: bool = True,
+                 truncation: bool = False, max_length: int | None = None) -> dict:
+        # what a transformers fast tokenizer sets before it calls the same encode_batch
+        if truncation:
+            self._tok.enable_truncation(max_length)
+        else:
+            self._tok.no_truncation()
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encodings]}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_raw_tokenizer(directory: str | Path, tokenizer, captions: Sequence[str],
+                        text_seq_len: int) -> bool:
+    """Whether ``directory``'s tokenizer.json alone gives ``tokenizer``'s ids (whole and cut
+    to ``text_seq_len``) on ``captions`` (a run's training captions) and a few probes;
+    writes the check file (with transformers' unknown and special ids) when it does,
+    removes it when not."""
+    from kodalle_cli.atomic import write_json_atomic
+
+    directory = Path(directory)
+    check, path = directory / RAW_CHECK, directory / "tokenizer.json"
+    check.unlink(missing_ok=True)
+    if not path.is_file():
+        return False
+    probes = [normalize(c) for c in captions]
+    probes += [" ".join(probes[:16]) * 4, "", " ", "Xyzzy qwerty 12345 ?!", "ÅÉ 漢字 😀 abc"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = sorted(getattr(tokenizer, "all_special_ids", []) or [])
+    raw = RawTokenizer(path, unk, special)
+    try:
+        with _quiet_length_warning():
+            for cut in (False, True):
+                length = text_seq_len if cut else None
+                if (tokenizer(probes, add_special_tokens=True, truncation=cut,
+                              max_length=length)["input_ids"]
+                        != raw(probes, True, cut, length)["input_ids"]):
+                    return False
+    except Exception:  # noqa: BLE001 - any failure: the run keeps using transformers
+        return False
+    write_json_atomic(check, {"tokenizer.json": _sha256(path), "probes": len(probes),
+                              "unk_token_id": unk, "all_special_ids": special})
+    return True
+
+
+def load_run_tokenizer(directory: str | Path):
+    """A run's tokenizer: :class:`RawTokenizer` when its check file names this very
+    tokenizer.json, else transformers' ``AutoTokenizer``."""
+    import json
+
+    directory = Path(directory)
+    check, path = directory / RAW_CHECK, directory / "tokenizer.json"
+    if check.is_file() and path.is_file():
+        try:
+            checked = json.loads(check.read_text())
+            if checked["tokenizer.json"] == _sha256(path):
+                return RawTokenizer(path, checked["unk_token_id"], checked["all_special_ids"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass  # a damaged check file: transformers decides
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)

@@ -351,3 +351,11 @@ def test_score_with_fewer_images_than_asked_warns_and_scores(inception, tmp_path
     assert code == 0, err
     assert json.loads(out)["num_samples"] == 3
     assert any("fewer than --num-samples 50: scoring 3" in w for w in warnings_in(err))
+
+
+def test_rerank_table_shows_markup_and_escapes_as_text(reranker, tmp_path, capsys):
+    image = _png(tmp_path / "a.png")
+    code, out, err = cli(capsys, "rerank", image, "--caption", "[/bold] 레드\x1b[31m",
+                         "--reranker", reranker, "--device", "cpu")
+    assert code == 0, err
+    assert "[/bold] 레드\\x1b[31m" in out and "\x1b[31m" not in out

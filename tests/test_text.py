@@ -113,3 +113,53 @@ def test_unknown_words_warn(tiny_klue):
     assert encoder.encode(CAPTIONS[0]).warnings == []
     unknown = encoder.encode("qqq zzz xxx")
     assert unknown.unknown_tokens > 0 and "unknown to the tokenizer" in unknown.warnings[0]
+
+
+def test_a_checked_run_samples_with_the_tokenizers_library_and_the_same_ids(backbone,
+                                                                             tmp_path):
+    """A run whose tokenizer.json alone gives transformers' ids (checked at train time on
+    its captions) is sampled without importing transformers, id for id and warning for
+    warning as before; a tokenizer.json changed since the check goes back to transformers."""
+    import subprocess
+    import sys
+
+    from kodalle_cli.runs import load_run
+    from kodalle_cli.text import RAW_CHECK, RawTokenizer, check_raw_tokenizer
+
+    training = CaptionEncoder.for_backbone(backbone, 16)
+    run = write_run(tmp_path / "run", backbone, 16, training.pad_id)
+    plain = load_run(run, with_vqgan=False).caption_encoder
+    assert not isinstance(plain.tokenizer, RawTokenizer)  # no check file: transformers
+    assert check_raw_tokenizer(run / "tokenizer", backbone.load_tokenizer(), CAPTIONS, 16)
+    fast = load_run(run, with_vqgan=False).caption_encoder
+    assert isinstance(fast.tokenizer, RawTokenizer)
+    for caption in [*CAPTIONS, "", "!!", "xx " * 40]:
+        a, b = plain.encode(caption), fast.encode(caption)
+        assert (a.ids, a.num_tokens, a.full_length, a.unknown_tokens, a.warnings) == (
+            b.ids, b.num_tokens, b.full_length, b.unknown_tokens, b.warnings)
+    code = ("import sys; from kodalle_cli.runs import load_run; "
+            f"e = load_run({str(run)!r}, with_vqgan=False).caption_encoder; e.encode('a b'); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+    tokenizer_json = run / "tokenizer" / "tokenizer.json"
+    tokenizer_json.write_text(tokenizer_json.read_text() + " ")  # edited after the check
+    assert not isinstance(load_run(run, with_vqgan=False).caption_encoder.tokenizer,
+                          RawTokenizer)
+    assert (run / "tokenizer" / RAW_CHECK).is_file()
+
+
+def test_a_tokenizer_the_library_reads_differently_is_not_checked(tiny_klue, tmp_path):
+    """transformers can read a tokenizer.json differently (its config can change lower
+    casing, prefix spaces, added tokens: here a token added after saving); the check sees
+    the difference and writes nothing."""
+    from transformers import AutoTokenizer
+
+    from kodalle_cli.text import RAW_CHECK, check_raw_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_klue)
+    tok.save_pretrained(tmp_path)
+    tok.add_tokens(["상의"])  # now transformers splits what the file does not
+    assert not check_raw_tokenizer(tmp_path, tok, ["상의에서 색상은 레드이다.", "XYZ"], 16)
+    assert not (tmp_path / RAW_CHECK).exists()

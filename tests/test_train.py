@@ -36,6 +36,8 @@ def test_cli_train_writes_a_self_contained_run_that_learns(tiny_dalle_data, tmp_
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["text_seq_len"] == 16 and config["model"]["pad_id"] == 1
     assert (run / "tokenizer" / "tokenizer.json").is_file()
+    # checked on the run's captions: sampling reads tokenizer.json without transformers
+    assert (run / "tokenizer" / "kodalle-raw-tokenizer.json").is_file()
     assert (run / "vqgan" / "model.safetensors").is_file()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step-0000060"]  # --keep-last 1

@@ -20,6 +20,7 @@ from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
+from kodalle_cli.text import check_raw_tokenizer
 from kodalle_cli.train.dist import setup_distributed
 from kodalle_cli.train.trainer import Task, TrainerConfig, TrainResult, train
 
@@ -249,7 +250,12 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
                 # caption style, part/attribute order and values (sample --attr)
                 "captions": caption_record(tokens_dir, manifest),
             })
-            backbone.load_tokenizer().save_pretrained(out / runs.TOKENIZER_DIR)
+            tokenizer = backbone.load_tokenizer()
+            tokenizer.save_pretrained(out / runs.TOKENIZER_DIR)
+            # sampling may then skip importing transformers (kodalle_cli.text.RawTokenizer)
+            captions = [s["txt"] for s in token_shards.iter_split(tokens_dir, "train", 512)]
+            check_raw_tokenizer(out / runs.TOKENIZER_DIR, tokenizer, captions,
+                                mcfg.text_seq_len)
         vq = _copy_vqgan(cfg, manifest, out)
 
     trainer_cfg = TrainerConfig(
