@@ -156,6 +156,9 @@ class DalleTrainConfig:
     attn_types: str = opt(
         "full", "Comma list cycled over layers: full, axial_row, axial_col, conv_like.")
     compile: bool = opt(False, "torch.compile the model.")
+    strategy: str = opt(
+        "ddp", "ddp|fsdp: replicate the model on every rank, or shard it (FSDP2) for models "
+        "too big for one GPU. A run resumes only with its own strategy.")
     max_steps: int | None = opt(None, "Optimizer steps (or give --epochs).")
     epochs: float | None = opt(None, "Passes over the training shards.")
     seed: int = opt(0, "Seed of initialisation, data order and dropout.")

@@ -4,7 +4,9 @@ a resume exact.
 A checkpoint (``OUT/checkpoints/step-N``, named by :mod:`kodalle_cli.runs`) holds::
 
     model.safetensors     the weights (metadata: the step)
-    optimizer.pt          the optimizer's state_dict
+    optimizer.pt          the optimizer's state_dict (DDP: parameters keyed by index;
+                          --strategy fsdp: the full state keyed by parameter name, from
+                          torch.distributed.checkpoint's get_optimizer_state_dict)
     trainer_state.json    the step (which fixes the LR schedule and the data position), the
                           non-finite steps so far, max_steps, samples_per_step, world_size
     rng.pt                {"ranks": every rank's RNG states (torch, CUDA, numpy, python),
@@ -45,7 +47,7 @@ from torch import nn
 from kodalle_cli.atomic import disk_full_error, is_disk_full, write_text_atomic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.runs import CKPT_DIR, LATEST, checkpoint_name, latest_checkpoint
-from kodalle_cli.train.dist import Dist, unwrap
+from kodalle_cli.train.dist import DDPStrategy, Dist
 
 if TYPE_CHECKING:
     from kodalle_cli.train.trainer import Task
@@ -104,20 +106,27 @@ def remove_partial_saves(out: Path) -> None:
 
 
 def save_checkpoint(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler,
-                    state: dict, dist: Dist, keep_last: int) -> Path | None:
-    """Gather every rank's RNG states; on rank 0 write checkpoints/step-N (``state["step"]``)
-    atomically, point ``latest`` at it and keep the newest ``keep_last``. All ranks wait for
-    it; returns the checkpoint on rank 0, None on the others.
+                    state: dict, dist: Dist, keep_last: int,
+                    strategy: DDPStrategy | None = None) -> Path | None:
+    """Gather every rank's RNG states, and the full weights and optimizer state (the
+    ``strategy``'s: FSDP all-gathers its shards; default DDP's); on rank 0 write
+    checkpoints/step-N (``state["step"]``) atomically, point ``latest`` at it and keep the
+    newest ``keep_last``. All ranks wait for it; returns the checkpoint on rank 0, None on
+    the others.
 
     A failed write (a full disk: one line saying so) leaves nothing of it behind; the
     previous checkpoint and ``latest`` are untouched."""
+    strategy = strategy or DDPStrategy(dist, torch.device("cpu"))
     rngs = dist.gather(rng_state())
-    path = _write(out, task, optimizer, scaler, state, rngs, keep_last) if dist.main else None
+    weights = strategy.model_state(task.model)  # collectives: every rank, before the write
+    optim = strategy.optimizer_state(task.model, optimizer)
+    path = (_write(out, task, (weights, optim), scaler, state, rngs, keep_last)
+            if dist.main else None)
     dist.barrier()
     return path
 
 
-def _write(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state: dict,
+def _write(out: Path, task: Task, gathered: tuple[dict, dict], scaler: torch.amp.GradScaler, state: dict,
            rngs: list, keep_last: int) -> Path:
     ckpts = out / CKPT_DIR
     ckpts.mkdir(parents=True, exist_ok=True)
@@ -126,7 +135,7 @@ def _write(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _write_files(tmp, task, optimizer, scaler, state, rngs)
+        _write_files(tmp, task, gathered, scaler, state, rngs)
     except BaseException as exc:  # a full disk, a second Ctrl-C: nothing partial stays
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
@@ -155,15 +164,14 @@ def _write(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state
     return final
 
 
-def _write_files(tmp: Path, task: Task, optimizer, scaler: torch.amp.GradScaler, state: dict,
-                 rngs: list) -> None:
+def _write_files(tmp: Path, task: Task, gathered: tuple[dict, dict],
+                 scaler: torch.amp.GradScaler, state: dict, rngs: list) -> None:
     from safetensors.torch import save_file
 
-    model = unwrap(task.model)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights, optim = gathered
     save_file(weights, str(tmp / WEIGHTS), metadata={"step": str(state["step"])})
     kill_hook("KODALLE_TEST_KILL_IN_SAVE", state["step"])
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    torch.save(optim, tmp / OPTIMIZER)
     # "scaler" is None unless fp16 loss scaling is on (a disabled scaler has no state)
     scaler_state = scaler.state_dict() if scaler.is_enabled() else None
     torch.save({"ranks": rngs, "scaler": scaler_state}, tmp / RNG)
@@ -225,10 +233,17 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE).read_text())
 
 
-def load_optimizer(optimizer, ckpt: Path, device: torch.device) -> None:
-    optimizer.load_state_dict(
-        torch.load(ckpt / OPTIMIZER, map_location=device, weights_only=True)
-    )
+def load_optimizer(optimizer, ckpt: Path, device: torch.device,
+                   strategy: DDPStrategy | None = None, model: nn.Module | None = None) -> None:
+    """optimizer.pt into ``optimizer`` (FSDP: after sharding; every rank reads the full
+    state and keeps its shard)."""
+    # FSDP: the full state stays in CPU memory; each rank moves only its shard to the device
+    where = "cpu" if strategy is not None and strategy.name == "fsdp" else device
+    state = torch.load(ckpt / OPTIMIZER, map_location=where, weights_only=True)
+    if strategy is None:
+        optimizer.load_state_dict(state)
+    else:
+        strategy.load_optimizer_state(model, optimizer, state)
 
 
 def restore_rng(ckpt: Path, rank: int, scaler: torch.amp.GradScaler) -> None:

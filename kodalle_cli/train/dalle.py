@@ -21,7 +21,7 @@ from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
 from kodalle_cli.text import check_raw_tokenizer
-from kodalle_cli.train.dist import setup_distributed
+from kodalle_cli.train.dist import STRATEGIES, setup_distributed
 from kodalle_cli.train.trainer import Task, TrainerConfig, TrainResult, train
 
 MODEL_OPTIONS = ("dim", "depth", "heads", "dim_head", "text_seq_len")
@@ -69,6 +69,9 @@ class DalleTask(Task):
     def loss(self, model, batch):
         return model(batch["ids"], batch["codes"], return_loss=True, cond_drop=self.cfg.cond_drop)
 
+    def shard_units(self, model):
+        return list(model.blocks)  # --strategy fsdp: one block at a time, then the rest
+
     def batch_size(self, batch):
         return batch["ids"].shape[0]
 
@@ -106,7 +109,8 @@ class DalleTask(Task):
                 break
             ids = torch.from_numpy(np.stack([s["ids"] for s in samples]))
             codes = torch.from_numpy(np.stack([s["codes"] for s in samples]))
-            loss, parts = model.loss(ids.to(device), codes.to(device))
+            # through forward (not model.loss): under FSDP it gathers the weights
+            loss, parts = model(ids.to(device), codes.to(device), return_loss=True)
             b = ids.shape[0]
             totals["loss"] += float(loss) * b
             totals["text_loss"] += float(parts["text_loss"]) * b
@@ -182,6 +186,11 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
 def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
     from kodalle_cli.backbone import get_backbone
 
+    if cfg.strategy not in STRATEGIES:
+        raise UsageError(f"--strategy {cfg.strategy}: choose one of {', '.join(STRATEGIES)}")
+    if cfg.strategy == "fsdp" and cfg.reversible:
+        raise UsageError("--strategy fsdp does not work with --reversible yet (its blocks run "
+                         "outside their forward, which FSDP needs to gather them)")
     existing = (out / runs.CONFIG).is_file() and runs.latest_checkpoint(out) is not None
     if cfg.resume and not existing:
         raise KodalleError(f"--resume: {out} has no checkpoint to resume from")
@@ -262,7 +271,8 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
         out=out, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
         warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, epochs=cfg.epochs,
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-        precision=cfg.precision, device=cfg.device, compile=cfg.compile, seed=cfg.seed,
+        precision=cfg.precision, device=cfg.device, compile=cfg.compile,
+        strategy=cfg.strategy, seed=cfg.seed,
         save_every=cfg.save_every, keep_last=cfg.keep_last, eval_every=cfg.eval_every,
         sample_every=cfg.sample_every, log_every=cfg.log_every,
         max_bad_steps=cfg.max_bad_steps, resume=cfg.resume, progress=cfg.progress,

@@ -3,7 +3,7 @@
 A model is trained by giving :func:`train` a :class:`Task` and a :class:`TrainerConfig`.
 The task says *what* is trained; the trainer owns *how*: precision and autocast, gradient
 accumulation and clipping, the learning-rate schedule (:func:`lr_at`), non-finite-loss
-skipping and the progress bar. Beside it: DDP in :mod:`.dist`, checkpoints, RNG states and
+skipping and the progress bar. Beside it: DDP and FSDP (``cfg.strategy``) in :mod:`.dist`, checkpoints, RNG states and
 exact resume in :mod:`.checkpoint`, ``metrics.csv`` in :mod:`.metrics`, and the run
 directory's layout (``checkpoints/``, ``latest``, ``metrics.csv``, ``samples/``) in
 :mod:`kodalle_cli.runs`. Only rank 0 writes; the task's own files are its business.
@@ -26,9 +26,14 @@ The Task interface (subclass :class:`Task`; only the first four are required)::
     task.param_groups()                   optimizer groups (default: weight decay on >= 2-D
                                           trainable parameters, none on biases/norms/scales)
     task.make_optimizer(groups, cfg)      default AdamW(lr, weight_decay, betas)
-    task.evaluate(model, step)            -> {name: float}, rank 0 only, under no_grad and
-                                          eval mode (e.g. validation loss); default {}
-    task.sample(model, step, out_dir)     rank 0 only, e.g. a PNG grid in out_dir; default none
+    task.evaluate(model, step)            -> {name: float}, rank 0 only (every rank under
+                                          FSDP: call the model's forward), under no_grad
+                                          and eval mode (e.g. validation loss); default {}
+    task.sample(model, step, out_dir)     rank 0 only, e.g. a PNG grid in out_dir; default
+                                          none (not called under FSDP)
+    task.shard_units(model)               FSDP: the submodules sharded one by one (e.g. the
+                                          transformer blocks) before the whole model; each
+                                          must be entered through its forward. Default []
     task.after_step(model, step, optimizer)  after each optimizer step taken (finite loss),
                                           `step` counted after it: task-owned updates (a
                                           second optimizer such as a GAN discriminator's,
@@ -72,7 +77,7 @@ from kodalle_cli.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from kodalle_cli.train.dist import Dist, wrap
+from kodalle_cli.train.dist import Dist, make_strategy, plain
 from kodalle_cli.train.metrics import Metrics
 
 
@@ -126,6 +131,9 @@ class Task:
     def after_step(self, model: nn.Module, step: int, optimizer) -> dict | None:
         return None
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        return []
+
     def save_extra(self, ckpt_dir: Path) -> None:
         return None
 
@@ -150,6 +158,7 @@ class TrainerConfig:
     precision: str = "auto"
     device: str = "auto"
     compile: bool = False
+    strategy: str = "ddp"  # ddp | fsdp (see kodalle_cli.train.dist)
     seed: int = 0
     save_every: int = 1000
     keep_last: int = 3
@@ -215,21 +224,24 @@ def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | No
     max_steps, samples_per_step = _plan(task, cfg, dist)
     ckpt = _open_out_dir(out, cfg, dist)
 
+    strategy = make_strategy(cfg.strategy, dist, device)
     model = task.model.to(device)
     state = {"step": 0, "bad_steps_total": 0}
     if ckpt is not None:
-        load_weights(model, ckpt)
+        load_weights(model, ckpt)  # full weights into the whole model, before any sharding
         state.update(read_state(ckpt))
     step = state["step"]
+    # FSDP: each unit, then the root, sharded in place; the optimizer gets the shards
+    model = task.model = strategy.shard(model, task.shard_units(model))
     optimizer = task.make_optimizer(task.param_groups(), cfg)
     # Precision, chosen once: autocast (a no-op context for fp32), and a loss scaler that
     # scales only for fp16 (disabled, its scale / unscale_ / step / update pass through).
     amp = autocast(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     if ckpt is not None:
-        load_optimizer(optimizer, ckpt, device)
+        load_optimizer(optimizer, ckpt, device, strategy, model)
         task.load_extra(ckpt)
-    train_model = wrap(model, dist, device)
+    train_model = strategy.wrap(model)
     if cfg.compile:
         train_model = torch.compile(train_model)
     # The data iterator is made before the RNG is restored: creating it may draw from the
@@ -241,17 +253,21 @@ def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | No
             print(f"resuming from {ckpt} (step {step})", flush=True)
 
     run = _Run(task, cfg, dist, device, out, max_steps, samples_per_step, model, train_model,
-               optimizer, amp, scaler,
+               optimizer, amp, scaler, strategy,
                Metrics(out / METRICS, dist.main, step if ckpt is not None else None))
     bad_in_row, last_loss, saved_ckpt = 0, None, ckpt
     saved_step = step if ckpt is not None else None
     history: list[dict] = []
     speed = _Throughput()
+    evaluates = dist.main or strategy.forward_on_all_ranks  # FSDP: forwards are collective
+    if dist.main and cfg.sample_every > 0 and not strategy.previews:
+        print(f"note: --strategy {strategy.name} samples no preview grids while training; "
+              "run `kodalle sample` on a checkpoint", flush=True)
     try:
         if ckpt is None and dist.main:
             run.metrics.write(0, "data", task.data_metrics)
-            if cfg.eval_every > 0:  # the baseline: step 0
-                run.evaluate(0)
+        if ckpt is None and evaluates and cfg.eval_every > 0:  # the baseline: step 0
+            run.evaluate(0)
         with progress_bar("{task.fields[info]}", title="[bold]train",
                           enabled=cfg.progress and dist.main) as bar:
             bar_task = bar.add_task("train", total=max_steps, completed=step, info="")
@@ -279,10 +295,11 @@ def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | No
                 bar.update(bar_task, completed=step)
 
                 kill_hook("KODALLE_TEST_KILL_AT_STEP", step)
-                if dist.main and cfg.eval_every > 0 and (step % cfg.eval_every == 0
+                if evaluates and cfg.eval_every > 0 and (step % cfg.eval_every == 0
                                                          or step == max_steps):
                     run.evaluate(step)
-                if dist.main and cfg.sample_every > 0 and step % cfg.sample_every == 0:
+                if (dist.main and strategy.previews and cfg.sample_every > 0
+                        and step % cfg.sample_every == 0):
                     run.sample(step)
                 if step % cfg.save_every == 0 or step == max_steps:
                     saved_ckpt, saved_step = run.save(state, step) or saved_ckpt, step
@@ -396,6 +413,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     amp: contextlib.AbstractContextManager  # torch.autocast or nullcontext
     scaler: torch.amp.GradScaler
+    strategy: object  # dist.DDPStrategy or dist.FSDPStrategy
     metrics: Metrics
 
     def __post_init__(self):
@@ -408,8 +426,8 @@ class _Run:
         return lr
 
     def forward_backward(self, batches: Iterator) -> _StepResult:
-        """Accumulate the gradients of ``grad_accum`` micro-batches (DDP syncs on the last
-        only), unscale and clip them."""
+        """Accumulate the gradients of ``grad_accum`` micro-batches (DDP and FSDP sync on
+        the last only), unscale and clip them."""
         cfg, device, task = self.cfg, self.device, self.task
         self.model.train()
         loss_sum = torch.zeros((), device=device)
@@ -421,7 +439,8 @@ class _Run:
                 samples += task.batch_size(batch)
                 tokens += task.batch_tokens(batch)
                 sync = micro == cfg.grad_accum - 1 or not self.dist.enabled
-                no_sync = contextlib.nullcontext() if sync else self.train_model.no_sync()
+                no_sync = (contextlib.nullcontext() if sync
+                           else self.strategy.no_sync(self.train_model))
                 with no_sync, self.amp:
                     loss, parts = task.loss(self.train_model, batch)
                     scaled = loss / cfg.grad_accum
@@ -431,9 +450,9 @@ class _Run:
                     v = torch.as_tensor(v, device=device).detach().float()
                     parts_sum[k] = parts_sum.get(k, 0) + v / cfg.grad_accum
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(
+            norm = plain(torch.nn.utils.clip_grad_norm_(  # FSDP: a DTensor, made whole
                 self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            )
+            ))
         except Exception as exc:
             if _is_oom(exc):
                 raise KodalleError(_oom_message(cfg)) from None
@@ -476,7 +495,7 @@ class _Run:
         state = {**state, "step": step, "max_steps": self.max_steps,
                  "samples_per_step": self.samples_per_step, "world_size": self.dist.world_size}
         return save_checkpoint(self.out, self.task, self.optimizer, self.scaler, state,
-                               self.dist, self.cfg.keep_last)
+                               self.dist, self.cfg.keep_last, self.strategy)
 
 
 class _Throughput:
