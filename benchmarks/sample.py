@@ -24,9 +24,12 @@ loading, tokenizing, generating, decoding and writing PNGs all timed):
   dalle-pytorch's own tokenizers do), one batch of n through
   ``generate_images(filter_thres=0.9, cond_scale=S, use_cache=True)``, one PNG per image
   (torchvision's ``save_image``);
-- ``kodalle sample``: ``.venv/bin/kodalle sample CAPTION --checkpoint dalle.pt --backbone DIR
-  --vqgan DIR -n N --batch-size N --seed 0 --device cpu --cond-scale S --out DIR``, which
-  also writes ``grid.png``, ``codes.npy`` and ``metadata.json``.
+- ``kodalle sample .pt``: ``.venv/bin/kodalle sample CAPTION --checkpoint dalle.pt --backbone
+  DIR --vqgan DIR -n N --batch-size N --seed 0 --device cpu --cond-scale S --out DIR``, which
+  also writes ``grid.png``, ``codes.npy`` and ``metadata.json``;
+- ``kodalle sample run``: the same, from a run directory holding the same model, tokenizer
+  and VQGAN (``runs.save_run``, as ``kodalle train`` leaves one: its tokenizer is read with
+  the tokenizers library, without importing transformers).
 Each run writes into an emptied folder (emptying it is not timed). Both processes get
 ``HF_HUB_OFFLINE=1`` and, with ``--threads``, ``OMP_NUM_THREADS``.
 
@@ -129,6 +132,12 @@ def build(work: Path, size: dict, vqgan_ch: int, quick: bool) -> dict:
              "script": work / "dalle_pytorch_sample.py"}
     save_dalle_pytorch_checkpoint(model, files["pt"])
     files["script"].write_text(DALLE_PYTORCH_SCRIPT)
+    # the same model as a run directory: what `kodalle train` leaves and users sample from
+    from kodalle_cli.runs import load_run, save_run
+
+    loaded = load_run(files["pt"], backbone=str(files["backbone"]), vqgan=str(files["vqgan"]))
+    files["run"] = save_run(work / "run", loaded.model, loaded.tokenizer, loaded.vqgan,
+                            captions=list(SAMPLE_CAPTIONS))
     return files
 
 
@@ -149,10 +158,15 @@ def whole_process_arms(files: dict, work: Path, n: int, cond_scale: float, env: 
             sys.executable, files["script"], files["pt"], taming, taming.with_suffix(".yaml"),
             files["backbone"], CAPTION, dp_out, "-n", n, "--cond-scale", cond_scale,
         ], env=env, per=n, before=emptied(dp_out)),
-        command("kodalle sample", [
+        command("kodalle sample .pt", [
             kodalle, "sample", CAPTION, "--checkpoint", files["pt"], "--backbone",
             files["backbone"], "--vqgan", files["vqgan"], "-n", n, "--batch-size", n,
             "--seed", 0, "--device", "cpu", "--cond-scale", cond_scale, "--out", kd_out,
+        ], env=env, per=n, before=emptied(kd_out)),
+        command("kodalle sample run", [
+            kodalle, "sample", CAPTION, "--checkpoint", files["run"], "-n", n,
+            "--batch-size", n, "--seed", 0, "--device", "cpu", "--cond-scale", cond_scale,
+            "--out", kd_out,
         ], env=env, per=n, before=emptied(kd_out)),
     ]
 

@@ -411,3 +411,35 @@ def check_vqgan(model, vqgan, source) -> None:
             f"model was trained on {cfg.image_fmap_size}x{cfg.image_fmap_size}: use the VQGAN "
             "its token shards were made with"
         )
+
+
+def save_run(run: str | os.PathLike, model, tokenizer=None, vqgan=None, step: int = 0,
+             captions: list[str] | None = None) -> Path:
+    """A run directory holding ``model`` (one checkpoint at ``step``), its tokenizer and
+    VQGAN: what ``kodalle sample`` opens. For models that did not come from ``kodalle
+    train``, such as a converted KoDALLE or dalle-pytorch ``.pt``. ``captions``: checked
+    with :func:`kodalle_cli.text.check_raw_tokenizer` (sampling then skips transformers)."""
+    from safetensors.torch import save_file
+
+    from kodalle_cli.atomic import write_text_atomic
+
+    run = Path(run)
+    write_config(run, {"kind": "dalle", "model": model.config.to_dict()})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(run / TOKENIZER_DIR)
+        if captions:
+            from kodalle_cli.text import check_raw_tokenizer
+
+            check_raw_tokenizer(run / TOKENIZER_DIR, tokenizer, captions,
+                                model.config.text_seq_len)
+    if vqgan is not None:
+        from kodalle_cli.vqgan import save_vqgan
+
+        save_vqgan(vqgan, run / VQGAN_DIR)
+    ckpt = run / CKPT_DIR / checkpoint_name(step)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(ckpt / "model.safetensors"))
+    write_text_atomic(ckpt / "trainer_state.json", json.dumps({"step": step}))
+    write_text_atomic(run / LATEST, f"{CKPT_DIR}/{ckpt.name}")
+    return run

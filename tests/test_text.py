@@ -29,26 +29,14 @@ def backbone(request):
 def write_run(run, backbone, text_seq_len: int, pad_id: int):
     """A run directory as ``kodalle train`` leaves it: the model config records the token
     shards' pad id, the tokenizer is the backbone's."""
-    import json
-
-    from safetensors.torch import save_file
-
     from kodalle_cli.model.dalle import DALLE, DALLEConfig
-    from kodalle_cli.runs import write_config
+    from kodalle_cli.runs import save_run
 
     tok = backbone.load_tokenizer()
     model = DALLE(DALLEConfig(num_text_tokens=len(tok), num_image_tokens=8, image_fmap_size=2,
                               dim=16, depth=1, heads=2, dim_head=8, text_seq_len=text_seq_len,
                               pad_id=pad_id, bos_id=0))
-    write_config(run, {"kind": "dalle", "model": model.config.to_dict()})
-    tok.save_pretrained(run / "tokenizer")
-    ckpt = run / "checkpoints" / "step-0000001"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(ckpt / "model.safetensors"))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
-    (run / "latest").write_text("checkpoints/step-0000001")
-    return run
+    return save_run(run, model, tok, step=1)
 
 
 def test_training_ids_equal_sampling_ids(backbone, tmp_path):
