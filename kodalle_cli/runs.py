@@ -414,17 +414,18 @@ def check_vqgan(model, vqgan, source) -> None:
 
 
 def save_run(run: str | os.PathLike, model, tokenizer=None, vqgan=None, step: int = 0,
-             captions: list[str] | None = None) -> Path:
+             captions: list[str] | None = None, config: dict | None = None) -> Path:
     """A run directory holding ``model`` (one checkpoint at ``step``), its tokenizer and
     VQGAN: what ``kodalle sample`` opens. For models that did not come from ``kodalle
     train``, such as a converted KoDALLE or dalle-pytorch ``.pt``. ``captions``: checked
-    with :func:`kodalle_cli.text.check_raw_tokenizer` (sampling then skips transformers)."""
+    with :func:`kodalle_cli.text.check_raw_tokenizer` (sampling then skips transformers).
+    ``config``: more of config.json (for example its ``train`` section)."""
     from safetensors.torch import save_file
 
     from kodalle_cli.atomic import write_text_atomic
 
     run = Path(run)
-    write_config(run, {"kind": "dalle", "model": model.config.to_dict()})
+    write_config(run, {"kind": "dalle", "model": model.config.to_dict(), **(config or {})})
     if tokenizer is not None:
         tokenizer.save_pretrained(run / TOKENIZER_DIR)
         if captions:

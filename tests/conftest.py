@@ -125,3 +125,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def torchrun(args, env_extra=None, timeout: int = 400):
+    """``kodalle ARGS`` as two gloo ranks on this machine (torchrun, one thread each)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KODALLE_TEST_")}
+    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kodalle_cli", *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -23,26 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def write_run(run: Path, tokenizer_dir, *, cond_drop: float | None = 0.0) -> Path:
     """A DALLE run directory as `kodalle train` lays it out (config with its train section,
     tokenizer, VQGAN, one checkpoint), random tiny weights (24 codes, 4x4 grid, 8 px)."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from kodalle_cli.runs import write_config
-    from kodalle_cli.vqgan.io import save_vqgan
+    from kodalle_cli.runs import save_run
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model, vqgan = tiny_model_and_vqgan(tokenizer, text_seq_len=12)
-    config = {"kind": "dalle", "model": model.config.to_dict()}
-    if cond_drop is not None:
-        config["train"] = {"cond_drop": cond_drop}
-    write_config(run, config)
-    tokenizer.save_pretrained(run / "tokenizer")
-    save_vqgan(vqgan, run / "vqgan")
-    ckpt = run / "checkpoints" / "step-0000001"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(ckpt / "model.safetensors"))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
-    (run / "latest").write_text("checkpoints/step-0000001")
+    train = {"train": {"cond_drop": cond_drop}} if cond_drop is not None else {}
+    save_run(run, model, tokenizer, vqgan, step=1, config=train)
     return run
 
 

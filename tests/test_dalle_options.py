@@ -501,11 +501,8 @@ def test_train_refuses_sparse_attention_naming_the_flag(tiny_dalle_data, tmp_pat
 
 @pytest.mark.slow
 def test_every_option_under_two_gloo_ranks_matches_one_process(tiny_klue, tmp_path):
-    import os
-    import subprocess
-    import sys
 
-    from conftest import write_tiny_tokens
+    from conftest import torchrun, write_tiny_tokens
 
     from kodalle_cli.cli import main
     from kodalle_cli.train.metrics import read_metrics
@@ -514,12 +511,7 @@ def test_every_option_under_two_gloo_ranks_matches_one_process(tiny_klue, tmp_pa
     args = ["train", "--backbone", str(tiny_klue), "--data", str(tokens), *TINY_TRAIN,
             *OPTIONS, "--max-steps", "3", "--save-every", "3", "--sample-every", "0"]
     main([*args, "--out", str(tmp_path / "one"), "--batch-size", "8"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kodalle_cli", *args, "--out", str(tmp_path / "two"), "--batch-size", "4"],
-        env=env, capture_output=True, text=True, timeout=400,
-    )
+    proc = torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "4"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
     def losses(run):

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import write_tiny_tokens
+from conftest import torchrun, write_tiny_tokens
 
 from kodalle_cli.cli import main
 from kodalle_cli.train.metrics import read_metrics
@@ -30,12 +26,7 @@ def test_two_gloo_ranks_match_one_process(tiny_klue, tmp_path):
     args = ["train", "--backbone", str(tiny_klue), "--data", str(tokens), *COMMON]
     main([*args, "--out", str(tmp_path / "one"), "--batch-size", "8"])
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kodalle_cli", *args, "--out", str(tmp_path / "two"), "--batch-size", "4"],
-        env=env, capture_output=True, text=True, timeout=400,
-    )
+    proc = torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "4"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(one) == len(two) == 4

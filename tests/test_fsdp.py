@@ -3,12 +3,8 @@ global batch, and a run killed half-way resumes to the weights of an uninterrupt
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import write_tiny_tokens
+from conftest import torchrun, write_tiny_tokens
 from safetensors.torch import load_file
 
 from kodalle_cli.cli import main
@@ -23,16 +19,6 @@ COMMON = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16", "--
 def rows(run, split, metric="loss"):
     return [r["value"] for r in read_metrics(run / "metrics.csv")
             if r["split"] == split and r["metric"] == metric]
-
-
-def torchrun(args, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KODALLE_TEST_")}
-    env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})})
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kodalle_cli", *args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
 
 
 @pytest.mark.slow

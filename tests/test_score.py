@@ -29,7 +29,6 @@ from kodalle_cli.score import (
     write_pngs,
     write_random_inception_weights,
 )
-from kodalle_cli.vqgan import save_vqgan
 
 N = 8  # Inception runs at 299 px on the CPU: keep the sets small
 SIZE = 32
@@ -117,22 +116,13 @@ def test_score_images_made_elsewhere_writes_score_json(
 
 def tiny_run(run, tokenizer_dir):
     """A DALLE run directory (config, tokenizer, VQGAN, one checkpoint) with random weights."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from kodalle_cli.runs import write_config
+    from kodalle_cli.runs import save_run
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model, vqgan = tiny_model_and_vqgan(tokenizer, text_seq_len=24)
-    write_config(run, {"kind": "dalle", "model": model.config.to_dict()})
-    tokenizer.save_pretrained(run / "tokenizer")
-    save_vqgan(vqgan, run / "vqgan")
-    ckpt = run / "checkpoints" / "step-0000001"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(ckpt / "model.safetensors"))
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1}))
-    (run / "latest").write_text("checkpoints/step-0000001")
+    save_run(run, model, tokenizer, vqgan, step=1)
     return run
 
 
