@@ -23,3 +23,17 @@ def test_importing_kodalle_and_its_libraries_prints_no_warnings():
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+def test_library_progress_bars_are_off_unless_debug():
+    """kodalle's own bars only; `--debug` lets the libraries' bars and messages through."""
+    code = ("import os, sys\nfrom kodalle_cli.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "KODALLE_DEBUG")}
+    run = [sys.executable, "-c", code]
+    quiet = subprocess.run([*run, "--version"], capture_output=True, text=True, env=env)
+    debug = subprocess.run([*run, "--debug", "--version"], capture_output=True, text=True,
+                           env=env)
+    assert quiet.stdout.split()[-1] == "1" and debug.stdout.split()[-1] == "None"
