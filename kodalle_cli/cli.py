@@ -415,9 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app, turning errors into one red line."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("KODALLE_DEBUG") == "1"
-    if debug:  # --debug shows everything, other libraries' bars and warnings included
-        os.environ["KODALLE_DEBUG"] = "1"
-    quiet_libraries()
+    if not debug:  # --debug shows everything, other libraries' bars included
+        quiet_libraries()
     try:
         app(args=args, prog_name="kodalle", standalone_mode=False)
     except typer.Exit as exc:

@@ -28,12 +28,10 @@ def quiet_libraries() -> None:
     """Keep other libraries' progress bars out of kodalle's output (transformers' "Loading
     weights" / "Writing model shards", huggingface_hub's downloads): kodalle shows its own.
     Cheap: imports nothing; call it before those libraries load, or at any time after.
-    A no-op under ``--debug`` (``KODALLE_DEBUG=1``)."""
+    ``kodalle --debug`` does not call it."""
     import os
     import sys
 
-    if os.environ.get("KODALLE_DEBUG") == "1":  # --debug: everything shows
-        return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by both at import
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
