@@ -404,6 +404,14 @@ def _file_png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
+def timings_html(timings: dict[str, float]) -> str:
+    """The report's "Timings" section: seconds per stage and their total."""
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{seconds:.0f} s</td></tr>"
+                   for name, seconds in timings.items())
+    return (f"<h2>Timings</h2><table>{rows}<tr><td><b>total</b></td>"
+            f"<td>{sum(timings.values()):.0f} s</td></tr></table>")
+
+
 def loss_curves(run_dirs: dict[str, Path]) -> str | None:
     """One PNG (data URI) with the training losses of every run that has a metrics.csv."""
     import matplotlib
@@ -545,11 +553,7 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
         for res in caption_results:
             parts.append(f"<div class='cap'>{esc(res.caption)}</div>")
             parts.append("".join(f"<img src='{_png(im)}' width='96'> " for im in res.images))
-    parts.append("<h2>Timings</h2><table>")
-    for stage_name, seconds in result.timings.items():
-        parts.append(f"<tr><td>{esc(stage_name)}</td><td>{seconds:.0f} s</td></tr>")
-    parts.append(f"<tr><td><b>total</b></td><td>{sum(result.timings.values()):.0f} s</td></tr>"
-                 "</table></html>")
+    parts.append(timings_html(result.timings) + "</html>")
     write_text_atomic(result.report, "\n".join(parts))
     faith = {name: {kind: fa.to_dict(shares) for kind, shares in f.items()}
              for name, f in result.faithfulness.items()}

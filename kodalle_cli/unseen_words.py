@@ -49,7 +49,7 @@ from rich.table import Table
 from kodalle_cli import faithfulness as fa
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
-from kodalle_cli.demo import PALETTE, Stages, _png, vqgan_check
+from kodalle_cli.demo import PALETTE, Stages, _png, timings_html, vqgan_check
 from kodalle_cli.errors import KodalleError
 
 console = Console()
@@ -829,10 +829,6 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
         parts.append(f"<tr><td>{esc(name)}</td>" + "".join(
             f"<td>{esc(str(d['all'][k]))}</td>" for k in ("colour", "category", "both"))
             + "</tr>")
-    parts.append("</table><h2>Timings</h2><table>")
-    for name, seconds in result.timings.items():
-        parts.append(f"<tr><td>{esc(name)}</td><td>{seconds:.0f} s</td></tr>")
-    parts.append(f"<tr><td><b>total</b></td><td>{sum(result.timings.values()):.0f} s</td></tr>"
-                 "</table></html>")
+    parts.append("</table>" + timings_html(result.timings) + "</html>")
     write_text_atomic(result.report, "\n".join(parts))
     return result.report
