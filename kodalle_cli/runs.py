@@ -360,7 +360,7 @@ def load_run(path: str | os.PathLike | None = None, device: str | torch.device =
     if with_vqgan and vqgan is not None:
         from kodalle_cli.vqgan import load_vqgan
 
-        # decoding only: channels-last convolutions (1.4x faster on 2 CPU cores at ch 32)
+        # decoding only: channels-last convolutions (1.3x faster on 2 CPU cores at ch 32)
         vq = load_vqgan(vqgan, device=device).to(memory_format=torch.channels_last)
         check_vqgan(model, vq, vqgan)
     config["checkpoint"] = str(paths.checkpoint)
