@@ -25,8 +25,8 @@ lint: install
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
-# Every script in benchmarks/ but the harness, run as modules (benchmarks/tokenize.py would
-# hide the standard library's tokenize). Run it alone on the machine: docs/benchmarks.md.
+# Every script in benchmarks/ but the harness, run as modules (they import the harness).
+# Run it alone on the machine: docs/benchmarks.md.
 # BENCH_ARGS="--quick": a smoke run; BENCH_ARGS="--json bench.json": every table as JSON too.
 # gpu.py needs a CUDA device (elsewhere: python -m benchmarks.gpu --quick smoke-runs it).
 bench: install

@@ -32,6 +32,7 @@ import webdataset as wds
 
 from benchmarks.harness import Arm, compare, parser
 from kodalle_cli.data.synthetic import random_garment, render
+from kodalle_cli.experiments.tiny_backbone import build_klue_like
 from kodalle_cli.rerank.model import load_reranker
 from kodalle_cli.rerank.train import RerankerTrainConfig, train_reranker
 from kodalle_cli.score import (
@@ -40,7 +41,6 @@ from kodalle_cli.score import (
     write_pngs,
     write_random_inception_weights,
 )
-from kodalle_cli.tiny_backbone import build_klue_like
 
 COLOURS = ("레드", "블루", "그린", "옐로우")
 CATEGORIES = {"티셔츠": "상의", "스커트": "하의"}

@@ -13,7 +13,7 @@ The files, written once into a temporary folder, are the same for both sides:
   1,1,2,2,4, 2 res blocks, attention at 16, 1024 codes; random weights), saved for kodalle
   (``save_vqgan``: ``model.safetensors`` + ``config.yaml``) and for dalle-pytorch (a taming
   ``.ckpt`` + ``.yaml`` of the same weights, read by its ``VQGanVAE``);
-- a KLUE-like tokenizer (``kodalle_cli.tiny_backbone.build_klue_like``).
+- a KLUE-like tokenizer (``kodalle_cli.experiments.tiny_backbone.build_klue_like``).
 
 Whole process (one comparison per ``--sizes`` n, default 8 and 32; start-up, imports,
 loading, tokenizing, generating, decoding and writing PNGs all timed):
@@ -35,7 +35,7 @@ Each run writes into an emptied folder (emptying it is not timed). Both processe
 
 In-process (n = ``--in-process-n``, default 8; both sides loaded once, untimed; no files
 written): ``generate(...)`` of the same script (tokenize, ``generate_images``, its VAE decode)
-against ``kodalle_cli.generate.sample(config, loaded_run)`` (tokenize, cached decoding,
+against ``kodalle_cli.sample.sample(config, loaded_run)`` (tokenize, cached decoding,
 VQGAN decode, PIL images), with the run from ``load_run(dalle.pt, backbone=, vqgan=)``.
 
 What differs: each side decodes with its own VQGAN code (taming's ``VQModel`` in
@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import Arm, command, compare, parser
-from kodalle_cli.tiny_backbone import SAMPLE_CAPTIONS, build_klue_like
+from kodalle_cli.experiments.tiny_backbone import SAMPLE_CAPTIONS, build_klue_like
 
 CAPTION = SAMPLE_CAPTIONS[2]  # 상의에서 색상은 레드이다. 카테고리는 티셔츠이다. ...
 SMALL = dict(dim=256, depth=4, heads=4, dim_head=64, text_seq_len=64, num_text_tokens=10000,
@@ -172,8 +172,8 @@ def whole_process_arms(files: dict, work: Path, n: int, cond_scale: float, env: 
 
 
 def in_process_arms(files: dict, n: int, cond_scale: float) -> list:
-    from kodalle_cli.generate import SampleConfig, sample
     from kodalle_cli.runs import load_run
+    from kodalle_cli.sample import SampleConfig, sample
 
     spec = importlib.util.spec_from_file_location("dalle_pytorch_sample", files["script"])
     script = importlib.util.module_from_spec(spec)

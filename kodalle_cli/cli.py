@@ -102,7 +102,7 @@ def tokenize(
 
     Example: kodalle tokenize shards --vqgan runs/vqgan --backbone klue-roberta-large
     """
-    from kodalle_cli.tokenize import tokenize as run_tokenize
+    from kodalle_cli.tokenize_shards import tokenize as run_tokenize
 
     cfg = TokenizeConfig(shards=shards, **options)
     summary = run_tokenize(cfg)
@@ -243,8 +243,8 @@ def sample(
 
     Example: kodalle sample "상의에서 색상은 레드이다." -n 16 --rank perplexity --keep 4
     """
-    from kodalle_cli.generate import read_captions
-    from kodalle_cli.generate import sample as run_sample
+    from kodalle_cli.sample import read_captions
+    from kodalle_cli.sample import sample as run_sample
 
     prompted = bool(options.get("attr")) or options.get("init_image") is not None
     config = SampleConfig(captions=read_captions(captions, captions_file,
@@ -401,11 +401,11 @@ def demo(
     if experiment is not None:
         if experiment != "unseen-words":
             raise UsageError(f"unknown --experiment {experiment!r} (choose unseen-words)")
-        from kodalle_cli.unseen_words import UnseenConfig, run_unseen_words
+        from kodalle_cli.experiments.unseen_words import UnseenConfig, run_unseen_words
 
         run_unseen_words(UnseenConfig(out=out or Path("demo-unseen-words"), quick=quick))
         return
-    from kodalle_cli.demo import DemoConfig, run_demo
+    from kodalle_cli.experiments.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=out or Path("demo"), quick=quick))
 

@@ -275,7 +275,7 @@ def generate_images(cfg: ScoreConfig, captions: list[str], run=None,
     """One image per caption from the run in ``cfg.checkpoint`` (or ``run``, already loaded),
     through ``sample``'s function (its default sampling settings, seeded by ``cfg.seed``).
     ``codes``: a list that receives each image's VQGAN codes ``[1, N]`` (memorisation)."""
-    from kodalle_cli.generate import SampleConfig, sample
+    from kodalle_cli.sample import SampleConfig, sample
 
     results = sample(SampleConfig(
         captions=list(captions), n=1, checkpoint=Path(cfg.checkpoint), out=None,

@@ -3,7 +3,7 @@
 The model (and the reranker, when given) is loaded once. Requests never run the model
 themselves: ``POST /api/jobs`` checks the request and puts a job in a queue; one worker
 thread (:class:`Generator`) takes the jobs in order and runs
-:func:`kodalle_cli.generate.sample` on each, so one generation runs at a time while the server
+:func:`kodalle_cli.sample.sample` on each, so one generation runs at a time while the server
 stays responsive. Each image is published as soon as it is decoded; the page follows a job
 through server-sent events.
 
@@ -316,7 +316,7 @@ class Generator:
                     self._lock.notify_all()
 
     def _generate(self, job: Job) -> None:
-        from kodalle_cli.generate import sample
+        from kodalle_cli.sample import sample
 
         r = job.request
         config = SampleConfig(

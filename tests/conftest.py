@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_klue(tmp_path_factory):
     """A KLUE-like RoBERTa directory (pad 1, [CLS] 0, position offset 2), dim 64."""
-    from kodalle_cli.tiny_backbone import build_klue_like
+    from kodalle_cli.experiments.tiny_backbone import build_klue_like
 
     return build_klue_like(tmp_path_factory.mktemp("backbones") / "tiny-klue")
 
@@ -20,7 +20,7 @@ def tiny_klue(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
     """A GPT-2-like directory (wte + wpe), dim 48."""
-    from kodalle_cli.tiny_backbone import build_gpt2_like
+    from kodalle_cli.experiments.tiny_backbone import build_gpt2_like
 
     return build_gpt2_like(tmp_path_factory.mktemp("backbones") / "tiny-gpt2")
 
@@ -28,7 +28,7 @@ def tiny_gpt2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gptj(tmp_path_factory):
     """A GPT-J-like directory (no position table), dim 64."""
-    from kodalle_cli.tiny_backbone import build_gptj_like
+    from kodalle_cli.experiments.tiny_backbone import build_gptj_like
 
     return build_gptj_like(tmp_path_factory.mktemp("backbones") / "tiny-gptj")
 
@@ -46,8 +46,8 @@ def write_tiny_tokens(out, backbone_dir, vqgan_dir=None, *, text_seq_len=16, fma
 
     from kodalle_cli.backbone import get_backbone, special_ids
     from kodalle_cli.data.tokens import TokenShardsWriter, pad_ids
-    from kodalle_cli.tiny_backbone import SAMPLE_CAPTIONS
-    from kodalle_cli.tokenize import tokenizer_identity
+    from kodalle_cli.experiments.tiny_backbone import SAMPLE_CAPTIONS
+    from kodalle_cli.tokenize_shards import tokenizer_identity
 
     backbone = get_backbone(str(backbone_dir))
     tok = backbone.load_tokenizer()

@@ -114,7 +114,7 @@ def build_kfashion_run(root: Path, backbone: Path, *, cond_drop: float = 0.5) ->
     from kodalle_cli.configs import PrepareConfig, TokenizeConfig
     from kodalle_cli.data.prepare import prepare
     from kodalle_cli.data.synthetic import generate
-    from kodalle_cli.tokenize import tokenize
+    from kodalle_cli.tokenize_shards import tokenize
 
     generate(root / "kfashion", 20, size=32, seed=0, split_dirs=True)
     generate(root / "kfashion", 4, size=32, seed=0, split_dirs=True, start=20,

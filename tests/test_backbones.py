@@ -10,7 +10,7 @@ from transformers import AutoModel, RobertaConfig, RobertaForMaskedLM
 
 from kodalle_cli import backbone as bb
 from kodalle_cli.errors import KodalleError, UsageError
-from kodalle_cli.tiny_backbone import build_gpt2_like, build_gptj_like, build_klue_like
+from kodalle_cli.experiments.tiny_backbone import build_gpt2_like, build_gptj_like, build_klue_like
 
 
 @pytest.fixture(scope="module")

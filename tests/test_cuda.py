@@ -59,7 +59,7 @@ def test_compile_trains_like_eager(tiny_dalle_data, tmp_path):
 
 def test_cuda_sampling_is_seeded(tiny_dalle_data, tmp_path):
     from kodalle_cli.configs import SampleConfig
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     train(tiny_dalle_data, tmp_path / "run", "--precision", "bf16", steps=20)
     caption = ["상의에서 색상은 레드이다."]

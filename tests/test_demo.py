@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kodalle_cli.demo import HOLDOUT, caption_category, caption_colour
+from kodalle_cli.experiments.demo import HOLDOUT, caption_category, caption_colour
 
 
 def test_caption_colour_reads_the_colour_sentence():

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from kodalle_cli import faithfulness as fa
 from kodalle_cli.data import synthetic
-from kodalle_cli.demo import CATEGORIES, COLOURS, PALETTE
+from kodalle_cli.experiments import faithfulness as fa
+from kodalle_cli.experiments.demo import CATEGORIES, COLOURS, PALETTE
 
 PAIRS = [(c, k) for c in COLOURS for k in CATEGORIES]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kodalle_cli.data.synthetic import generate
-from kodalle_cli.tiny_backbone import build_klue_like
+from kodalle_cli.experiments.tiny_backbone import build_klue_like
 
 ROOT = Path(__file__).resolve().parents[1]
 

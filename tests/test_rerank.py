@@ -13,6 +13,7 @@ import webdataset as wds
 
 from kodalle_cli.backbone import get_backbone
 from kodalle_cli.data.synthetic import random_garment, render
+from kodalle_cli.experiments.tiny_backbone import build_klue_like
 from kodalle_cli.rerank.model import (
     build_image_tower,
     build_reranker,
@@ -22,7 +23,6 @@ from kodalle_cli.rerank.model import (
     preprocess_images,
     save_reranker,
 )
-from kodalle_cli.tiny_backbone import build_klue_like
 
 COLOURS = ("레드", "블루", "그린", "옐로우")
 CATEGORIES = {"티셔츠": "상의", "스커트": "하의"}

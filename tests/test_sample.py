@@ -10,7 +10,6 @@ import torch
 from conftest import tiny_model_and_vqgan
 
 from kodalle_cli.errors import UsageError
-from kodalle_cli.generate import read_captions
 from kodalle_cli.model.sampling import (
     SamplingSettings,
     draw,
@@ -26,6 +25,7 @@ from kodalle_cli.output import (
     unique_slugs,
     write_caption_dir,
 )
+from kodalle_cli.sample import read_captions
 from kodalle_cli.vqgan import save_vqgan
 
 
@@ -256,7 +256,7 @@ def tiny_run(tiny_klue):
 
 
 def _config(tmp_path, **kw):
-    from kodalle_cli.generate import SampleConfig
+    from kodalle_cli.sample import SampleConfig
 
     base = dict(captions=["상의에서 색상은 레드이다.", "하의에서 색상은 블루이다."], n=3,
                 out=tmp_path / "out", seed=5, device="cpu", progress=False, top_k=0.5)
@@ -265,7 +265,7 @@ def _config(tmp_path, **kw):
 
 
 def test_sample_writes_images_grid_and_metadata(tiny_run, tmp_path):
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     results = sample(_config(tmp_path, cond_scale=2.0), tiny_run)
     assert [r.caption for r in results] == ["상의에서 색상은 레드이다.", "하의에서 색상은 블루이다."]
@@ -286,7 +286,7 @@ def test_sample_writes_images_grid_and_metadata(tiny_run, tmp_path):
 
 
 def test_same_seed_different_batch_size_same_images(tiny_run, tmp_path):
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     def run(batch_size, seed=5):
         res = sample(_config(tmp_path, out=None, batch_size=batch_size, seed=seed), tiny_run)
@@ -302,7 +302,7 @@ def test_same_seed_different_batch_size_same_images(tiny_run, tmp_path):
 
 
 def test_truncation_and_unknown_token_warnings(tiny_run, tmp_path):
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     said = []
     long_caption = "상의에서 색상은 레드이다. " * 6
@@ -317,7 +317,7 @@ def test_truncation_and_unknown_token_warnings(tiny_run, tmp_path):
 
 def test_bad_options_are_clear_errors(tiny_run, tmp_path):
     from kodalle_cli.errors import ConfigError, KodalleError
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     with pytest.raises(UsageError, match="--keep needs --rerank"):
         sample(_config(tmp_path, keep=2), tiny_run)
@@ -340,7 +340,7 @@ def test_cli_keep_without_rerank_is_a_usage_error(tmp_path, capsys, monkeypatch)
 def test_a_decomposed_caption_is_the_composed_one(tiny_run, tmp_path):
     import unicodedata
 
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     composed = "상의에서 색상은 레드이다."
     nfd = unicodedata.normalize("NFD", composed)
@@ -393,7 +393,7 @@ def test_cli_samples_from_the_newest_run_by_default(tiny_run, tmp_path, monkeypa
     assert meta["checkpoint"] == str(Path("runs") / "new")
     assert meta["run"]["checkpoint_path"].endswith("step-0000007")
     # the same call through the Python API, from the checkpoint directory, gives the same codes
-    from kodalle_cli.generate import SampleConfig, sample
+    from kodalle_cli.sample import SampleConfig, sample
 
     res = sample(SampleConfig(["상의에서 색상은 레드이다."], n=2, seed=3, device="cpu", out=None,
                               checkpoint=runs / "new" / "checkpoints" / "step-0000007",
@@ -405,8 +405,8 @@ def test_cli_samples_from_the_newest_run_by_default(tiny_run, tmp_path, monkeypa
 
 
 def test_sample_from_a_dalle_pytorch_pt(tiny_run, tiny_klue, tmp_path):
-    from kodalle_cli.generate import SampleConfig, sample
     from kodalle_cli.model.convert import save_dalle_pytorch_checkpoint
+    from kodalle_cli.sample import SampleConfig, sample
 
     pt = tmp_path / "kodalle.pt"
     save_dalle_pytorch_checkpoint(tiny_run.model, pt)
@@ -424,8 +424,8 @@ def test_sample_from_a_dalle_pytorch_pt(tiny_run, tiny_klue, tmp_path):
 def test_rerank_keeps_the_best_and_records_every_score(tiny_run, tiny_klue, tmp_path):
     pytest.importorskip("kodalle_cli.rerank.rank")
     from kodalle_cli.backbone import get_backbone
-    from kodalle_cli.generate import sample
     from kodalle_cli.rerank.model import build_reranker, save_reranker
+    from kodalle_cli.sample import sample
 
     torch.manual_seed(0)
     reranker = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=16,

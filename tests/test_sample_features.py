@@ -96,7 +96,7 @@ def photo(tmp_path):
 
 
 def _config(tmp_path, **kw):
-    from kodalle_cli.generate import SampleConfig
+    from kodalle_cli.sample import SampleConfig
 
     base = dict(captions=["상의에서 색상은 레드이다."], n=3, out=tmp_path / "out", seed=5,
                 device="cpu", progress=False, top_k=0.5)
@@ -107,7 +107,7 @@ def _config(tmp_path, **kw):
 def test_init_image_keeps_rows_in_every_output_and_records_the_prompt(tiny_run, photo,
                                                                       tmp_path):
     from kodalle_cli.data.images import fit, to_tensor
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     [res] = sample(_config(tmp_path, init_image=photo, init_rows=2), tiny_run)
     fmap = tiny_run.model.config.image_fmap_size  # 4 rows of 4 codes
@@ -133,8 +133,8 @@ def test_init_image_keeps_rows_in_every_output_and_records_the_prompt(tiny_run, 
 
 def test_init_image_without_caption_uses_the_null_caption_of_cond_drop_runs(tiny_run, photo,
                                                                             tmp_path):
-    from kodalle_cli.generate import sample
     from kodalle_cli.runs import LoadedRun
+    from kodalle_cli.sample import sample
 
     [res] = sample(_config(tmp_path, captions=[], init_image=photo), tiny_run)
     assert res.caption == "" and res.directory.name == "photo-completed"
@@ -148,7 +148,7 @@ def test_init_image_without_caption_uses_the_null_caption_of_cond_drop_runs(tiny
 
 
 def test_image_prompt_options_are_checked(tiny_run, photo, tmp_path):
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     with pytest.raises(ConfigError) as info:
         sample(_config(tmp_path, init_image=photo, init_rows=4), tiny_run)
@@ -162,7 +162,7 @@ def test_image_prompt_options_are_checked(tiny_run, photo, tmp_path):
 
 
 def test_rank_perplexity_orders_by_the_model_s_mean_logprob(tiny_run, tmp_path):
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     [plain] = sample(_config(tmp_path, out=None, n=4), tiny_run)
     [ranked] = sample(_config(tmp_path, n=4, rank="perplexity", keep=2), tiny_run)

@@ -152,8 +152,8 @@ def test_score_a_run_end_to_end_and_fid_equals_torch_fidelity_cli(
 
 def tiny_reranker(out):
     from kodalle_cli.backbone import get_backbone
+    from kodalle_cli.experiments.tiny_backbone import build_klue_like
     from kodalle_cli.rerank.model import build_reranker, save_reranker
-    from kodalle_cli.tiny_backbone import build_klue_like
 
     captions = [g[1] for g in garments(40, seed=11)]
     backbone = build_klue_like(out.parent / "klue", texts=captions, vocab_size=96, hidden=16,

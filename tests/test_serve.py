@@ -65,9 +65,9 @@ def wait_for(client, job_id, states=("done", "error", "cancelled"), timeout=60):
 @pytest.fixture
 def gated(monkeypatch):
     """Hold every job after its first image until ``gate.set()``; count jobs running at once."""
-    import kodalle_cli.generate as generate
+    import kodalle_cli.sample as sample_module
 
-    real = generate.sample
+    real = sample_module.sample
     gate = threading.Event()
     state = {"running": 0, "most": 0}
 
@@ -84,7 +84,7 @@ def gated(monkeypatch):
         finally:
             state["running"] -= 1
 
-    monkeypatch.setattr(generate, "sample", sample)
+    monkeypatch.setattr(sample_module, "sample", sample)
     return gate, state
 
 
@@ -132,7 +132,7 @@ def test_encode_gives_the_tokenizer_warnings(server):
 # ---- generating ------------------------------------------------------------------------------
 def test_a_job_makes_the_images_kodalle_sample_makes(server, tiny_run):
     from kodalle_cli.configs import SampleConfig
-    from kodalle_cli.generate import sample
+    from kodalle_cli.sample import sample
 
     client, _, out = server
     response = client.post("/api/jobs", json={"caption": CAPTION, "n": 3, "seed": 5,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError
-from kodalle_cli.tokenize import TokenizeConfig, tokenize
+from kodalle_cli.tokenize_shards import TokenizeConfig, tokenize
 from kodalle_cli.vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 
 CAPTIONS = [
@@ -41,7 +41,7 @@ def random_image(seed, size=32):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from kodalle_cli.tiny_backbone import build_klue_like
+    from kodalle_cli.experiments.tiny_backbone import build_klue_like
 
     root = tmp_path_factory.mktemp("tok")
     backbone = build_klue_like(root / "backbone")

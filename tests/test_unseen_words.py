@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from kodalle_cli import demo
-from kodalle_cli import faithfulness as fa
-from kodalle_cli import unseen_words as uw
+from kodalle_cli.experiments import demo
+from kodalle_cli.experiments import faithfulness as fa
+from kodalle_cli.experiments import unseen_words as uw
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HANGUL = re.compile(r"[\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
@@ -119,7 +119,7 @@ def test_random_tables_backbone_changes_only_the_two_tables(tmp_path):
         assert abs(float(x.std()) - float(y.std())) < 0.05 * float(x.std())
         assert abs(float((x * y).sum() / (x.norm() * y.norm()))) < 0.05  # unrelated
     assert (a.pad_id, a.bos_id, a.eos_id) == (b.pad_id, b.bos_id, b.eos_id)
-    from kodalle_cli.tokenize import tokenizer_identity
+    from kodalle_cli.tokenize_shards import tokenizer_identity
 
     assert tokenizer_identity(pretrained) == tokenizer_identity(rnd)  # same token shards
     src, new = load_file(str(source / "model.safetensors")), load_file(str(out / "model.safetensors"))

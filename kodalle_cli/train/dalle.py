@@ -160,7 +160,7 @@ def find_tokens(cfg: DalleTrainConfig, main: bool, dist) -> Path:
             f"no token shards in {data} (no manifest.json): run `kodalle tokenize` first, or "
             "pass --vqgan to tokenize image shards now"
         )
-    from kodalle_cli.tokenize import TokenizeConfig, ensure_tokens
+    from kodalle_cli.tokenize_shards import TokenizeConfig, ensure_tokens
 
     tcfg = TokenizeConfig(shards=data, vqgan=cfg.vqgan, backbone=cfg.backbone,
                           backbone_path=cfg.backbone_path, text_seq_len=cfg.text_seq_len or 128,
@@ -198,7 +198,7 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
     manifest = token_shards.read_manifest(tokens_dir)
 
     backbone = get_backbone(cfg.backbone, cfg.backbone_path)
-    from kodalle_cli.tokenize import tokenizer_identity
+    from kodalle_cli.tokenize_shards import tokenizer_identity
 
     if manifest.get("tokenizer_hash") and manifest["tokenizer_hash"] != tokenizer_identity(
         backbone

@@ -11,7 +11,7 @@ Stages (each one the library function its subcommand calls):
 3. ``train`` a small DALLE, ``train reranker``;
 4. ``sample`` for validation captions (seen pairs) and for captions of the held-out pairs,
    ``rerank``, ``score``;
-5. caption faithfulness (:mod:`kodalle_cli.faithfulness`): colour, category and both read
+5. caption faithfulness (:mod:`kodalle_cli.experiments.faithfulness`): colour, category and both read
    from the pixels against the true palette, with Wilson intervals, chance measured with
    shuffled captions, with and without reranking, and with the model's own ranking
    (``--rank perplexity``) against the reranker's; the VQGAN's reconstructions of validation
@@ -38,10 +38,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kodalle_cli import faithfulness as fa
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
 from kodalle_cli.data import kfashion, synthetic
 from kodalle_cli.data.captions import caption_attribute, caption_from_label
+from kodalle_cli.experiments import faithfulness as fa
 from kodalle_cli.train.metrics import read_metrics
 
 console = Console()
@@ -231,12 +231,12 @@ class Stages:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     from kodalle_cli.data.prepare import PrepareConfig, prepare
     from kodalle_cli.errors import KodalleError
-    from kodalle_cli.generate import SampleConfig, sample
+    from kodalle_cli.experiments.tiny_backbone import build_klue_like
     from kodalle_cli.progress import quiet_libraries
     from kodalle_cli.rerank.train import RerankerTrainConfig, train_reranker
+    from kodalle_cli.sample import SampleConfig, sample
     from kodalle_cli.score import ScoreConfig, inception_weights, run_score
-    from kodalle_cli.tiny_backbone import build_klue_like
-    from kodalle_cli.tokenize import TokenizeConfig, tokenize
+    from kodalle_cli.tokenize_shards import TokenizeConfig, tokenize
     from kodalle_cli.train.dalle import DalleTrainConfig, run_train
     from kodalle_cli.vqgan.train import VQGANTrainConfig, train_vqgan
 

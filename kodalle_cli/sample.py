@@ -1,6 +1,6 @@
 """``kodalle sample``: captions in, images out. The function the CLI calls, usable from Python.
 
->>> from kodalle_cli.generate import SampleConfig, sample
+>>> from kodalle_cli.sample import SampleConfig, sample
 >>> results = sample(SampleConfig(["상의에서 색상은 레드이다."], n=4, seed=0, out=None))
 >>> results[0].images[0].save("red.png"); results[0].metadata["seed"]
 0

@@ -6,7 +6,7 @@ handful of shapes, so an image's colour and category can be read back from its p
 :func:`~kodalle_cli.data.synthetic.garment_category`), against the generator's true palette:
 nothing is fitted, so nothing can be fitted on the images it scores.
 
-    from kodalle_cli.faithfulness import Judged, judge, summarise, shuffled
+    from kodalle_cli.experiments.faithfulness import Judged, judge, summarise, shuffled
     judged = [judge(image, colour, category) for image, colour, category in records]
     summarise(judged)             # {"colour": Share, "category": Share, "both": Share}
     summarise(shuffled(judged))   # the same images against other images' captions: chance

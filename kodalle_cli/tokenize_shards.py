@@ -16,7 +16,7 @@ saying so; no partial shard is left.
 
 Python use::
 
-    from kodalle_cli.tokenize import TokenizeConfig, tokenize
+    from kodalle_cli.tokenize_shards import TokenizeConfig, tokenize
     summary = tokenize(TokenizeConfig(shards="shards", vqgan="runs/vqgan",
                                       backbone="klue-roberta-large"))
 """

@@ -20,7 +20,7 @@ pretrained language model. This experiment measures it with a real pretrained En
    the model (kodalle's default) or frozen, and random tables of the same shape and
    per-table std (a copy of the MiniLM directory with re-drawn tables, so the pipeline is
    otherwise identical), trained or frozen;
-4. every image judged against the true palette (:mod:`kodalle_cli.faithfulness`): colour,
+4. every image judged against the true palette (:mod:`kodalle_cli.experiments.faithfulness`): colour,
    category and both, 95% Wilson intervals, chance measured with shuffled captions; the arms
    compared with Newcombe's interval for a difference of two shares;
 5. ``OUT/report.html`` (tables, a grid of the same unseen-word captions under every arm)
@@ -46,11 +46,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kodalle_cli import faithfulness as fa
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
-from kodalle_cli.demo import PALETTE, Stages, _png, timings_html, vqgan_check
 from kodalle_cli.errors import KodalleError
+from kodalle_cli.experiments import faithfulness as fa
+from kodalle_cli.experiments.demo import PALETTE, Stages, _png, timings_html, vqgan_check
 
 console = Console()
 
@@ -512,9 +512,9 @@ class UnseenResult:
 
 
 def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
-    from kodalle_cli.generate import SampleConfig, sample
     from kodalle_cli.progress import quiet_libraries
-    from kodalle_cli.tokenize import TokenizeConfig, tokenize
+    from kodalle_cli.sample import SampleConfig, sample
+    from kodalle_cli.tokenize_shards import TokenizeConfig, tokenize
     from kodalle_cli.train.dalle import DalleTrainConfig, run_train
     from kodalle_cli.vqgan.train import VQGANTrainConfig, train_vqgan
 
