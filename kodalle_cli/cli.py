@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kodalle_cli import __version__
+from kodalle_cli.cli_options import options_from
 from kodalle_cli.configs import (
     DalleTrainConfig,
     PrepareConfig,
@@ -28,7 +29,6 @@ from kodalle_cli.configs import (
     TokenizeConfig,
 )
 from kodalle_cli.errors import ConfigError, KodalleError, UsageError
-from kodalle_cli.options import options_from
 from kodalle_cli.progress import quiet_libraries
 
 try:  # typer >= 0.20 ships its own copy of click

@@ -1,7 +1,7 @@
 """What each command takes: its config dataclass, with every default and its help in one place.
 
 The library functions take these objects (``run_train(DalleTrainConfig(...))``); the CLI
-turns their fields into options (:func:`kodalle_cli.options.options_from`), so a default such
+turns their fields into options (:func:`kodalle_cli.cli_options.options_from`), so a default such
 as ``lr=3e-5`` is written once, here. The module imports nothing heavy (no torch): the CLI
 reads it on every start-up, ``kodalle --help`` included. Checks that need the library run in
 the library (``SampleConfig.validate`` imports the sampling settings when called).

@@ -1,35 +1,14 @@
 """CLI options declared once: on the config dataclass the library function takes.
 
 A config field made with :func:`opt` carries its CLI help (and, where needed, its flag names
-and click settings); :func:`options_from` turns every field of a config into a Typer option
-of a command, with the field's default. So a default such as ``lr=3e-5`` lives in one
-place, the dataclass, and the command body is one line::
-
-    @dataclass
-    class TrainConfig:
-        lr: float = opt(3e-5, "Peak learning rate.")
-        resume: bool = opt(False, "Continue the run in --out.")
-
-    @app.command()
-    @options_from(TrainConfig)
-    def train(**options):
-        run_train(TrainConfig(**options))
-
-Flag names follow the field: ``--field-name``. A bool that is off by default is one flag
-(``--resume``); one that is on by default, or ``None`` for "the recipe decides", gets
-``--x/--no-x``. Parameters the command declares itself (arguments, options parsed from a
-string) come first and their fields are left out.
+and click settings) as plain field metadata; the CLI's
+:func:`kodalle_cli.cli_options.options_from` turns those fields into Typer options. This
+module is library code and does not import Typer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import typing
-from collections.abc import Callable
-
-import typer
 
 
 def opt(default=dataclasses.MISSING, help: str = "", *names: str, factory=None, **click):
@@ -42,59 +21,3 @@ def opt(default=dataclasses.MISSING, help: str = "", *names: str, factory=None, 
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _option(field: dataclasses.Field, annotation) -> typer.models.OptionInfo:
-    meta = field.metadata
-    default = field.default
-    if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
-        default = field.default_factory()
-    if default is dataclasses.MISSING:
-        default = ...  # required
-    flag = _flag(field.name)
-    names = [n for n in meta.get("names", ()) if n.startswith("--")] or [flag]
-    shorts = [n for n in meta.get("names", ()) if not n.startswith("--")]
-    if annotation is bool and default is False:
-        declared = [names[0]]
-    elif annotation in (bool, bool | None):
-        declared = [f"{names[0]}/--no-{names[0][2:]}"]
-    else:
-        declared = names
-    return typer.Option(default, *declared, *shorts, help=meta.get("help") or None,
-                        **meta.get("click", {}))
-
-
-def options_from(config: type, *, skip: tuple[str, ...] = ()) -> Callable:
-    """Decorate a command: it also takes every field of ``config`` (except ``skip`` and the
-    command's own parameters) as an option, passed on in ``**options``."""
-    hints = typing.get_type_hints(config)
-
-    def decorate(fn: Callable) -> Callable:
-        own = [p for p in inspect.signature(fn).parameters.values()
-               if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        taken = {p.name for p in own} | set(skip)
-        added = [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                              default=_option(f, hints[f.name]), annotation=hints[f.name])
-            for f in dataclasses.fields(config)
-            if "help" in f.metadata and f.name not in taken
-        ]
-
-        @functools.wraps(fn)
-        def command(*args, **kwargs):
-            return fn(*args, **kwargs)
-
-        own_hints = typing.get_type_hints(fn)
-        params = [p.replace(annotation=own_hints.get(p.name, p.annotation)) for p in own]
-        params = ([p for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY] + added
-                  + [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY])
-        command.__signature__ = inspect.Signature(params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        del command.__wrapped__  # typer must read the new signature, not fn's
-        return command
-
-    return decorate
