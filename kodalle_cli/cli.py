@@ -369,8 +369,8 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
     from rich.table import Column
 
     # names are what users type after --backbone, and headers and numbers are short: never
-    # cut those; the source and plugin columns fold
-    whole = [Column(h, no_wrap=True) for h in ("name", "language")]
+    # cut those; the language, source and plugin columns fold
+    whole = [Column("name", no_wrap=True), Column("language", overflow="fold", min_width=8)]
     numbers = [Column(h, no_wrap=True, justify="right") for h in ("vocab", "dim", "positions")]
     table = Table(*whole, Column("source", overflow="fold"), *numbers,
                   Column("plugin", overflow="fold"))

@@ -21,14 +21,14 @@ every other key must match the architecture exactly.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from kodalle_cli.atomic import write_text_atomic
+from kodalle_cli.atomic import replacing, write_text_atomic
+from kodalle_cli.cache import cache_dir as kodalle_cache
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.vqgan.model import VQGAN, VQGANConfig
 
@@ -208,9 +208,7 @@ def load_weights(model: VQGAN, sd: dict[str, torch.Tensor], where: str) -> None:
 
 # ---- presets and the cache -------------------------------------------------------------------
 def cache_dir() -> Path:
-    root = os.environ.get("KODALLE_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "kodalle"
-    return base / "vqgan"
+    return kodalle_cache("vqgan")
 
 
 def fetch_preset(name: str) -> tuple[Path, Path]:
@@ -297,14 +295,8 @@ def save_vqgan(model: VQGAN, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata={"format": "pt", "identity": model.identity()})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing(directory / WEIGHTS_NAME) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "identity": model.identity()})
     write_config(model.config, directory / CONFIG_NAME)
     return directory
 
@@ -318,13 +310,7 @@ def save_taming_checkpoint(model: VQGAN, path: str | os.PathLike, global_step: i
     sd.update(extra_state or {})
     payload = {"state_dict": sd, "global_step": int(global_step), "epoch": int(epoch),
                "pytorch-lightning_version": "1.0.8"}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".ckpt")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     write_config(model.config, path.with_suffix(".yaml"))
     return path
