@@ -27,6 +27,7 @@ image below, the distance under each pair).
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -323,7 +324,9 @@ def memorisation(*, generated_images: Sequence, generated_codes: torch.Tensor | 
             if vqgan is None:
                 return {"skipped": "no VQGAN to encode the images with (the token shards name "
                                    "none that loads); pass --reranker to compare embeddings"}
-            pixels = to_tensor([image(x) for x in generated_images], size=vqgan.image_size)
+            # at the training images' size: their grid times the VQGAN's factor
+            side = math.isqrt(train.vectors.shape[1]) * vqgan.downsample_factor
+            pixels = to_tensor([image(x) for x in generated_images], size=side)
             generated_codes = vqgan.encode(pixels.to(vqgan.device), batch_size=64).cpu()
         generated = generated_codes.long()
         if generated.shape[1] != train.vectors.shape[1]:

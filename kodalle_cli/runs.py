@@ -265,6 +265,8 @@ class LoadedRun:
     caption_encoder: CaptionEncoder | None
     vqgan: torch.nn.Module | None
     source: str
+    # the VQGAN downsampling factor the model's codes were made with (None: not recorded)
+    downsample_factor: int | None = None
     config: dict = field(default_factory=dict)
 
     @property
@@ -357,17 +359,18 @@ def load_run(path: str | os.PathLike | None = None, device: str | torch.device =
             tokenizer = _run_tokenizer(paths.run / TOKENIZER_DIR)
         if vqgan is None and (paths.run / VQGAN_DIR).is_dir():
             vqgan = str(paths.run / VQGAN_DIR)
+    factor = model_downsample_factor(config, model, paths.run)
     if with_vqgan and vqgan is not None:
         from kodalle_cli.vqgan import load_vqgan
 
         # decoding only: channels-last convolutions (1.3x faster on 2 CPU cores at ch 32)
         vq = load_vqgan(vqgan, device=device).to(memory_format=torch.channels_last)
-        check_vqgan(model, vq, vqgan)
+        check_vqgan(model, vq, vqgan, factor)
     config["checkpoint"] = str(paths.checkpoint)
     # the pad id and length the model was trained with: recorded in its config
     encoder = (CaptionEncoder(tokenizer, model.config.text_seq_len, model.config.pad_id)
                if tokenizer is not None else None)
-    return LoadedRun(model.to(device).eval(), encoder, vq, str(target), config)
+    return LoadedRun(model.to(device).eval(), encoder, vq, str(target), config, factor)
 
 
 def _build_model(config: dict, where: Path):
@@ -396,20 +399,53 @@ def _run_tokenizer(directory: Path):
             f"{(str(exc).splitlines() or [''])[0]})") from None
 
 
-def check_vqgan(model, vqgan, source) -> None:
+def model_downsample_factor(config: dict, model, run: Path | None = None) -> int | None:
+    """The downsampling factor of the VQGAN a model's codes were made with, where recorded:
+    the run's ``vqgan`` section (from its token shards' manifest), else the run's own
+    ``vqgan/config.yaml``, else a ``.pt``'s ``vae_params`` (dalle-pytorch's DiscreteVAE:
+    ``2 ** num_layers``). None when nothing records it (a dalle-pytorch ``.pt`` trained on a
+    taming VQGAN keeps ``vae_params`` None): then any factor is taken.
+
+    Not the VQGAN's yaml ``resolution``: a taming VQGAN is convolutional and draws any grid,
+    so the grid comes from the model and the resolution it was trained at does not matter
+    (dalle-pytorch's ``VQGanVAE`` likewise sets 256 px whatever its yaml says)."""
+    from kodalle_cli.data.tokens import manifest_downsample_factor
+
+    recorded = manifest_downsample_factor(config)  # the run's "vqgan" is its manifest's
+    if recorded is not None:
+        return recorded
+    if run is not None and (run / VQGAN_DIR / "config.yaml").is_file():
+        from kodalle_cli.vqgan.io import read_config as read_vqgan_config
+
+        try:
+            return read_vqgan_config(run / VQGAN_DIR / "config.yaml").downsample_factor
+        except KodalleError:
+            return None  # a damaged one is reported when it is loaded
+    vae = (config.get("source") or {}).get("vae_params") or {}
+    if isinstance(vae.get("num_layers"), int):
+        return 2 ** vae["num_layers"]
+    size, grid = vae.get("image_size"), model.config.image_fmap_size
+    if isinstance(size, int) and size % grid == 0:
+        return size // grid
+    return None
+
+
+def check_vqgan(model, vqgan, source, downsample_factor: int | None = None) -> None:
     """A VQGAN that cannot draw this model's codes is an error, before anything is
-    generated: another codebook size, or another code grid."""
+    generated: another codebook size, or (where the model records one, see
+    :func:`model_downsample_factor`) another downsampling factor. The code grid is the
+    model's; the resolution the VQGAN was trained at is not checked."""
     cfg = model.config
     if vqgan.num_tokens != cfg.num_image_tokens:
         raise KodalleError(
             f"VQGAN {source} has {vqgan.num_tokens} codes but the model was trained on "
             f"{cfg.num_image_tokens}: use the VQGAN its token shards were made with"
         )
-    if vqgan.fmap_size != cfg.image_fmap_size:
+    if downsample_factor is not None and vqgan.downsample_factor != downsample_factor:
         raise KodalleError(
-            f"VQGAN {source} makes a {vqgan.fmap_size}x{vqgan.fmap_size} code grid but the "
-            f"model was trained on {cfg.image_fmap_size}x{cfg.image_fmap_size}: use the VQGAN "
-            "its token shards were made with"
+            f"VQGAN {source} downsamples by {vqgan.downsample_factor} but the model's codes "
+            f"were made by one that downsamples by {downsample_factor}: use the VQGAN its "
+            "token shards were made with"
         )
 
 
@@ -425,7 +461,12 @@ def save_run(run: str | os.PathLike, model, tokenizer=None, vqgan=None, step: in
     from kodalle_cli.atomic import write_text_atomic
 
     run = Path(run)
-    write_config(run, {"kind": "dalle", "model": model.config.to_dict(), **(config or {})})
+    config = dict(config or {})
+    if vqgan is not None and "vqgan" not in config:  # what model_downsample_factor reads
+        config["vqgan"] = {"hash": vqgan.identity(), "num_tokens": vqgan.num_tokens,
+                           "downsample_factor": vqgan.downsample_factor,
+                           "fmap_size": model.config.image_fmap_size}
+    write_config(run, {"kind": "dalle", "model": model.config.to_dict(), **config})
     if tokenizer is not None:
         tokenizer.save_pretrained(run / TOKENIZER_DIR)
         if captions:

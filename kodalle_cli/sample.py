@@ -95,7 +95,7 @@ def sample(config: SampleConfig, run: LoadedRun | None = None,
                            backbone=config.backbone, vqgan=config.vqgan)).ready_to_sample()
     model = run.model.to(device=device, dtype=dtype).eval()
     vqgan = run.vqgan.to(device).eval()
-    check_vqgan(model, vqgan, getattr(vqgan, "source", "given"))
+    check_vqgan(model, vqgan, getattr(vqgan, "source", "given"), run.downsample_factor)
     for message in _setting_warnings(settings, run):
         warn(message)
     # any integer is a seed, negative ones included: the same seed, the same images
@@ -202,7 +202,7 @@ def _null_caption(run: LoadedRun, warn: WarnFn):
 
 
 class ImagePrompt:
-    """``--init-image``: the image at the VQGAN's size, its codes and how many are kept."""
+    """``--init-image``: the image at the model's size, its codes and how many are kept."""
 
     def __init__(self, source: Path, image: Image.Image, codes: torch.Tensor, kept: int,
                  fmap_size: int):
@@ -219,9 +219,10 @@ class ImagePrompt:
 
 
 def _image_prompt(config: SampleConfig, model, vqgan) -> ImagePrompt:
-    """Encode ``--init-image`` (fitted to the VQGAN's size, padded with white like
-    ``prepare``'s default) and take its first ``--init-tokens`` codes, or its top
-    ``--init-rows`` rows (default: half the rows)."""
+    """Encode ``--init-image`` (fitted to the model's image size, its grid times the
+    VQGAN's downsampling factor, padded with white like ``prepare``'s default) and take
+    its first ``--init-tokens`` codes, or its top ``--init-rows`` rows (default: half the
+    rows)."""
     from kodalle_cli.data.images import ImageError, fit, open_image, to_tensor
     from kodalle_cli.errors import ConfigError
 
@@ -230,7 +231,7 @@ def _image_prompt(config: SampleConfig, model, vqgan) -> ImagePrompt:
         image = open_image(path)[0]
     except ImageError as exc:
         raise KodalleError(f"--init-image {path}: {exc}") from None
-    size = vqgan.image_size
+    size = model.config.image_fmap_size * vqgan.downsample_factor
     if image.size != (size, size):
         image = fit(image, size, "pad")
     codes = vqgan.encode(to_tensor([image]).to(vqgan.device)).cpu().long()

@@ -98,19 +98,27 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
         "vqgan_hash": vqgan.identity(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    _check_existing_manifest(out, identity)
+    old_grid = _check_existing_manifest(out, identity)
     remove_stale_temporaries(out)  # left by a killed run; their shards are redone
 
     summary = TokenizeSummary(out=out)
     todo = [(split, p) for split, paths in inputs.items() for p in paths]
+    # the shards' images are encoded at their own size: a taming VQGAN is convolutional, so
+    # one trained at another resolution gives a grid of (image size / its factor)
+    size = _images_size([p for _, p in todo])
+    grid = _grid(size, vqgan, cfg.vqgan)
+    if old_grid is not None and old_grid != grid:
+        warn(f"{out} holds token shards on a {old_grid}x{old_grid} grid, these {size} px "
+             f"images make {grid}x{grid} with VQGAN {cfg.vqgan}: its finished shards are redone")
     budget = _BadBudget(cfg.max_bad_fraction, _expected_samples([p for _, p in todo]))
     writer = token_shards.TokenShardsWriter(
         out, text_seq_len=cfg.text_seq_len, num_image_tokens=vqgan.num_tokens,
-        image_fmap_size=vqgan.fmap_size, pad_id=text.pad_id,
+        image_fmap_size=grid, pad_id=text.pad_id,
         tokenizer_hash=identity["tokenizer_hash"],
         vqgan={"hash": identity["vqgan_hash"], "source": str(cfg.vqgan),
-               "num_tokens": vqgan.num_tokens, "image_size": vqgan.image_size,
-               "fmap_size": vqgan.fmap_size},
+               "num_tokens": vqgan.num_tokens, "image_size": size, "fmap_size": grid,
+               "downsample_factor": vqgan.downsample_factor,
+               "resolution": vqgan.image_size},
         tokenizer={"backbone": backbone.name, "source": backbone.location,
                    "vocab_size": len(text.tokenizer)},
         shard_size=None,  # one token shard per image shard, named after it
@@ -122,13 +130,13 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
         with writer, _progress(cfg.progress) as bar:
             task = bar.add_task("tokenize", total=len(todo), rate="")
             for split, shard in todo:
-                stats = _finished_stats(out / shard.name, identity)
+                stats = _finished_stats(out / shard.name, identity, old_grid, grid)
                 if stats is not None:
                     summary.shards_skipped += 1
                     writer.add_finished(split, shard.name, stats["count"])
                 else:
                     stats = _tokenize_shard(writer, split, shard, text, vqgan, cfg, identity,
-                                            budget)
+                                            budget, size)
                     summary.shards_written += 1
                     encoded += stats["count"]
                 summary.samples[split] = summary.samples.get(split, 0) + stats["count"]
@@ -161,15 +169,42 @@ def ensure_tokens(cfg: TokenizeConfig) -> Path:
     return tokenize(cfg).out
 
 
-def _check_existing_manifest(out: Path, identity: dict) -> None:
+def _check_existing_manifest(out: Path, identity: dict) -> int | None:
+    """Refuse an existing manifest of another tokenizer, VQGAN or text_seq_len; returns its
+    grid (None: no manifest yet)."""
     path = out / token_shards.MANIFEST
     if not path.is_file():
-        return
+        return None
     old = json.loads(path.read_text(encoding="utf-8"))
     found = {"text_seq_len": old.get("text_seq_len"),
              "tokenizer_hash": old.get("tokenizer_hash"),
              "vqgan_hash": (old.get("vqgan") or {}).get("hash")}
     _refuse_mismatch(found, identity, str(path))
+    grid = old.get("image_fmap_size")
+    return grid if isinstance(grid, int) else None
+
+
+def _images_size(shards: list[Path]) -> int:
+    """The side of the image shards' images: the first readable one's (``prepare`` writes
+    them all at one size; any other is fitted to it)."""
+    from kodalle_cli.data.shards import iter_image_samples
+
+    for shard in shards:
+        for sample in iter_image_samples(shard, split=None, split_by_worker=False,
+                                         on_bad=lambda *_: None):
+            return max(sample.image.size)
+    raise KodalleError(f"no readable image in {shards[0].parent if shards else 'the shards'}")
+
+
+def _grid(size: int, vqgan, source) -> int:
+    """The code grid of ``size`` px images through ``vqgan`` (one line when it does not
+    divide)."""
+    f = vqgan.downsample_factor
+    if size % f:
+        raise KodalleError(
+            f"the image shards hold {size} px images, which VQGAN {source} (downsampling by "
+            f"{f}) cannot cut into whole codes: prepare them at a multiple of {f} px")
+    return size // f
 
 
 def _refuse_mismatch(found: dict, identity: dict, where: str) -> None:
@@ -183,19 +218,23 @@ def _refuse_mismatch(found: dict, identity: dict, where: str) -> None:
         )
 
 
-def _finished_stats(target: Path, identity: dict) -> dict | None:
-    """Stats of a token shard finished by an earlier run (None: not there yet)."""
+def _finished_stats(target: Path, identity: dict, old_grid: int | None = None,
+                    grid: int | None = None) -> dict | None:
+    """Stats of a token shard finished by an earlier run (None: not there yet, or made on
+    another grid than ``grid``, so to be redone)."""
     stats_file = stats_path(target)
     if not (target.is_file() and stats_file.is_file()):
         return None
     stats = json.loads(stats_file.read_text(encoding="utf-8"))
     _refuse_mismatch(stats, identity, str(target))
+    if grid is not None and stats.get("image_fmap_size", old_grid) not in (None, grid):
+        return None
     return stats
 
 
 def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: Path,
                     text: CaptionEncoder, vqgan, cfg, identity: dict,
-                    budget: _BadBudget) -> dict:
+                    budget: _BadBudget, size: int) -> dict:
     """One image shard -> the token shard of the same name, with its stats file. Samples
     that cannot be read are skipped with a warning naming shard and key (and listed in the
     stats); the budget stops the run once too many are bad."""
@@ -203,14 +242,15 @@ def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: P
     from kodalle_cli.data.shards import iter_image_samples
     from kodalle_cli.train.checkpoint import kill_hook
 
-    stats = {"count": 0, "truncated": 0, "source": shard.name, **identity}
+    stats = {"count": 0, "truncated": 0, "source": shard.name, **identity,
+             "image_fmap_size": size // vqgan.downsample_factor}
     skipped: list[dict] = []
     writer.open_shard(split, shard.name)
     batch: list = []
 
     def flush():
         ids, truncated = text.encode_batch([s.caption for s in batch])
-        images = to_tensor([s.image for s in batch], size=vqgan.image_size)
+        images = to_tensor([s.image for s in batch], size=size)
         codes = vqgan.encode(images).cpu().numpy()
         for s, row_ids, row_codes in zip(batch, ids, codes, strict=True):
             writer.write(split, s.key, row_ids, row_codes, s.caption)

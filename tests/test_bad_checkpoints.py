@@ -261,11 +261,18 @@ def test_vqgan_with_another_codebook_size_is_one_line(run, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_replacing_vqgan_with_another_grid_is_one_line(run, tmp_path, capsys):
-    _other_vqgan(tmp_path / "big", n_embed=24, resolution=16)  # 8x8 codes, not 4x4
-    code, _, err = cli(capsys, *sample_args(run, tmp_path / "out", "--vqgan", tmp_path / "big"))
+def test_replacing_vqgan_with_another_downsampling_factor_is_one_line(run, tmp_path, capsys):
+    # (another training resolution with the same factor samples: test_vqgan_resolution.py)
+    from kodalle_cli.vqgan import VQGAN, VQGANConfig
+    from kodalle_cli.vqgan.io import save_vqgan
+
+    save_vqgan(VQGAN(VQGANConfig(n_embed=24, embed_dim=8, ch=32, ch_mult=(1, 1, 1),
+                                 num_res_blocks=1, attn_resolutions=(), resolution=8,
+                                 z_channels=32)), tmp_path / "f4")
+    code, _, err = cli(capsys, *sample_args(run, tmp_path / "out", "--vqgan", tmp_path / "f4"))
     assert code == 1
-    assert "8x8 code grid but the model was trained on 4x4" in one_error_line(err)
+    assert "downsamples by 4 but the model's codes were made by one that downsamples by 2" in (
+        one_error_line(err))
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "weights of another config",

@@ -512,18 +512,32 @@ def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
             )
     return checks
 
+def manifest_downsample_factor(manifest: dict) -> int | None:
+    """The downsampling factor of the VQGAN that made a token manifest's codes (older
+    manifests: their image size over their grid), None when not recorded."""
+    recorded = manifest.get("vqgan") if isinstance(manifest.get("vqgan"), dict) else {}
+    if isinstance(recorded.get("downsample_factor"), int):
+        return recorded["downsample_factor"]
+    size, grid = recorded.get("image_size"), recorded.get("fmap_size")
+    if isinstance(size, int) and isinstance(grid, int) and grid > 0 and size % grid == 0:
+        return size // grid
+    return None
+
+
 
 def check_vqgan(manifest: dict, vqgan, where: str | Path, what: str = "the VQGAN") -> None:
-    """Refuse token shards that ``vqgan`` cannot decode: another codebook size or grid, or
-    (when the manifest records one) another VQGAN's identity."""
+    """Refuse token shards that ``vqgan`` cannot decode: another codebook size or
+    downsampling factor, or (when the manifest records one) another VQGAN's identity. The
+    grid is the shards'; the resolution the VQGAN was trained at does not matter."""
+    factor = manifest_downsample_factor(manifest)
     recorded = manifest.get("vqgan") or {}
     if manifest["num_image_tokens"] > vqgan.num_tokens or (
-            manifest["image_fmap_size"] != vqgan.fmap_size):
+            factor is not None and factor != vqgan.downsample_factor):
         raise KodalleError(
             f"the token shards in {where} hold codes of a {manifest['num_image_tokens']}-entry "
-            f"codebook on a {manifest['image_fmap_size']}x{manifest['image_fmap_size']} grid, "
-            f"{what} has {vqgan.num_tokens} entries and a {vqgan.fmap_size}x"
-            f"{vqgan.fmap_size} grid: re-run `kodalle tokenize` with it"
+            f"codebook{f' (downsampled by {factor})' if factor else ''} but {what} has "
+            f"{vqgan.num_tokens} entries and downsamples by {vqgan.downsample_factor}: re-run "
+            "`kodalle tokenize` with it"
         )
     if recorded.get("hash") and recorded["hash"] != vqgan.identity():
         raise KodalleError(
