@@ -164,7 +164,7 @@ def train_vqgan(
     resolution: int | None = typer.Option(None, help="Training image side [kodalle: 256]."),
     num_res_blocks: int | None = typer.Option(None, help="Residual blocks per level [2]."),
     lpips_weights: Path | None = typer.Option(
-        None, help="taming LPIPS state_dict (.pth/.safetensors); else no perceptual loss."),
+        None, help="taming LPIPS state_dict, a .pth or .safetensors file; else no perceptual loss."),
     disc_start: int | None = typer.Option(None, help="Step at which the discriminator starts "
                                           "(default: no discriminator)."),
     disc_weight: float = typer.Option(0.8, help="Discriminator loss weight."),

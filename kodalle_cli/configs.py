@@ -33,8 +33,8 @@ class PrepareConfig:
 
     source: Path
     out: Path = opt(Path("shards"), "Output directory for shards.", "-o")
-    format: str = opt("auto", "auto|kfashion|folder|jsonl|csv")
-    caption_style: str = opt("per-part", "per-part|per-attribute|compact")
+    format: str = opt("auto", "Input layout: auto, kfashion, folder, jsonl or csv.")
+    caption_style: str = opt("per-part", "Caption style: per-part, per-attribute or compact.")
     include_style: bool = opt(False, "Add the style (스타일) sentence.")
     caption_pick: str = opt("all", "folder format: first|all caption lines.")
     crop: str = opt("none", "none|garments (crop to the labelled rectangles).")
