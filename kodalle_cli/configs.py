@@ -116,6 +116,7 @@ class TokenizeConfig:
 TRAIN_RESUME_MAY_CHANGE = (
     "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_batches",
     "sample_every", "sample_captions", "log_every", "max_bad_steps", "max_bad_fraction",
+    "check_shards",
     "workers", "progress", "device", "precision", "compile", "grad_checkpointing", "resume",
     "out", "data", "vqgan", "backbone_path",
 )
@@ -178,6 +179,10 @@ class DalleTrainConfig:
     max_bad_fraction: float = opt(
         0.01, "Skip bad samples in the token shards (warning for each); stop when more than "
         "this share of a split is bad.")
+    check_shards: str = opt(
+        "new", "Check the token shards before training: full (every shard), new (only the "
+        "shards new or changed since this run's last check, cached in the run directory) "
+        "or off (trust the manifest).")
     device: str = opt("auto", DEVICE_HELP)
     workers: int = opt(2, "Data-loader worker processes per rank.")
     progress: bool = opt(True, "Show the progress bar.")

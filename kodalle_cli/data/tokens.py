@@ -20,8 +20,10 @@ and resumable at any batch: the position is just the number of batches consumed.
 Damaged shards: :func:`check_shards` reads every shard once before training and checks each
 sample against the manifest (ids of ``text_seq_len``, codes inside the codebook, whole
 tars); bad samples are reported by shard and key and left out by every reader, and more
-than ``max_bad_fraction`` of them is an error. :func:`check_vqgan` refuses shards that a
-VQGAN cannot decode.
+than ``max_bad_fraction`` of them is an error. What it found is cached (``cache``: the
+run's ``shard_check.json``) by each shard's path, size and mtime, so a restart reads only
+shards that are new or changed. :func:`check_vqgan` refuses shards that a VQGAN cannot
+decode.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import json
 import os
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -401,7 +403,7 @@ def _parse(raw: dict, manifest: dict, num_text_tokens: int | None) -> tuple[dict
     if ids.min() < 0 or (vocab is not None and ids.max() >= vocab):
         return None, f"text ids outside the vocabulary [0, {vocab}): {ids.min()}..{ids.max()}"
     if codes.min() < 0 or codes.max() >= codebook:
-        return None, (f"codes outside the VQGAN's codebook [0, {codebook}): "
+        return None, (f"{OUT_OF_RANGE} [0, {codebook}): "
                       f"{codes.min()}..{codes.max()}")
     try:
         text = raw["txt"].decode("utf-8") if "txt" in raw else ""
@@ -460,6 +462,12 @@ def read_shard(path: str | Path) -> list[dict]:
     return samples
 
 
+OUT_OF_RANGE = "codes outside the VQGAN's codebook"  # the reason of such a bad sample
+CHECK_CACHE = "shard_check.json"  # in the run directory: what check_shards found per shard
+CHECK_MODES = ("full", "new", "off")
+_CHECK_VERSION = 1
+
+
 @dataclass
 class SplitCheck:
     """What :func:`check_shards` found in one split."""
@@ -467,50 +475,144 @@ class SplitCheck:
     counts: dict[str, int]  # shard name -> good samples
     listed: int  # samples the manifest lists
     bad: list[BadSample]
+    out_of_range: dict[str, int] = field(default_factory=dict)  # shard -> such bad samples
+    read: int = 0  # shards read by this check
+    reused: int = 0  # shards whose cached result was taken (unchanged since)
 
     @property
     def good(self) -> int:
         return sum(self.counts.values())
 
+    def metrics(self, split: str) -> dict[str, int]:
+        """What metrics.csv records: skipped samples, and samples with codes outside the
+        codebook in all and per shard (``{split}_out_of_range/{shard}``)."""
+        out = {f"{split}_skipped": len(self.bad),
+               f"{split}_out_of_range": sum(self.out_of_range.values())}
+        out.update({f"{split}_out_of_range/{name}": n
+                    for name, n in sorted(self.out_of_range.items()) if n})
+        return out
+
+
+def _stamp(path: Path) -> dict | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _check_context(manifest: dict, num_text_tokens: int | None) -> dict:
+    """What a cached result depends on besides the shard's bytes."""
+    return {"version": _CHECK_VERSION, "text_seq_len": manifest["text_seq_len"],
+            "num_image_tokens": manifest["num_image_tokens"],
+            "image_fmap_size": manifest["image_fmap_size"], "num_text_tokens": num_text_tokens}
+
+
+def read_check_cache(path: Path, context: dict) -> dict[str, dict]:
+    """The cached results by shard path (empty when missing, damaged or made for another
+    manifest or vocabulary)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("context") != context:
+        return {}
+    shards = data.get("shards")
+    return shards if isinstance(shards, dict) else {}
+
+
+def _cached_result(entry, stamp: dict | None, expected: int) -> dict | None:
+    if not isinstance(entry, dict) or stamp is None:
+        return None
+    if (entry.get("size"), entry.get("mtime_ns"), entry.get("expected")) != (
+            stamp["size"], stamp["mtime_ns"], expected):
+        return None
+    if not isinstance(entry.get("good"), int) or not isinstance(entry.get("bad"), list):
+        return None
+    return entry
+
 
 def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
                  max_bad_fraction: float = 0.01, splits: tuple[str, ...] = SPLITS,
-                 report=None) -> dict[str, SplitCheck]:
-    """Read every token shard once (before training) and check each sample against the
-    manifest: ids of ``text_seq_len`` within the vocabulary, ``fmap*fmap`` codes within the
-    codebook, whole tars. Bad samples are reported (``report(message)``, default a warning
-    naming shard and key) and left out by the readers; more than ``max_bad_fraction`` of a
-    split bad is an error. Returns the good counts that :class:`TokenBatches` takes."""
-    from kodalle_cli.errors import warn
+                 report=None, mode: str = "full", cache: str | Path | None = None,
+                 write_cache: bool = True) -> dict[str, SplitCheck]:
+    """Check every token shard's samples against the manifest before training: ids of
+    ``text_seq_len`` within the vocabulary, ``fmap*fmap`` codes within the codebook, whole
+    tars. Bad samples are reported (``report(message)``, default a warning naming shard and
+    key) and left out by the readers; more than ``max_bad_fraction`` of a split bad is an
+    error. Returns the good counts that :class:`TokenBatches` takes.
 
+    ``mode`` (``--check-shards``): ``full`` reads every shard; ``new`` takes the result
+    ``cache`` holds for a shard whose path, size and mtime are unchanged (and the manifest
+    and vocabulary the same) and reads the others; ``off`` reads nothing and trusts the
+    manifest's counts (a shard that turns out bad stops training when it is reached).
+    ``cache`` (a JSON file, e.g. the run's :data:`CHECK_CACHE`) is rewritten with what was
+    found, good and bad counts, the bad keys and their reasons, and the samples with codes
+    outside the codebook, unless ``write_cache`` is False (DDP ranks but 0)."""
+    from kodalle_cli.atomic import write_json_atomic
+    from kodalle_cli.errors import ConfigError, warn
+
+    if mode not in CHECK_MODES:
+        raise ConfigError("check_shards", mode, f"must be one of {', '.join(CHECK_MODES)}")
     report = report or warn
     root = Path(root)
     manifest = read_manifest(root)
+    context = _check_context(manifest, num_text_tokens)
+    cache = Path(cache) if cache is not None else None
+    old = read_check_cache(cache, context) if cache is not None and mode == "new" else {}
+    found: dict[str, dict] = {}
     checks = {}
-    for split in splits:
-        listed = manifest["splits"].get(split, {"shards": []})["shards"]
-        counts, bad = {}, []
-        for entry in listed:
-            good, wrong = good_samples(root / entry["name"], manifest,
-                                       expected=int(entry["count"]),
-                                       num_text_tokens=num_text_tokens)
-            counts[entry["name"]] = len(good)
-            bad.extend(wrong)
-        check = SplitCheck(counts, sum(int(e["count"]) for e in listed), bad)
-        checks[split] = check
-        shown = 20
-        for b in bad[:shown]:
-            report(f"{root / b.shard}{': ' + b.key if b.key else ''}: {b.reason}; skipped")
-        if len(bad) > shown:
-            report(f"{len(bad) - shown} more bad {split} samples in {root}; skipped")
-        if bad and len(bad) > max_bad_fraction * max(check.listed, 1):
-            raise KodalleError(
-                f"{len(bad)} of {check.listed} {split} samples in {root} are bad (more than "
-                f"--max-bad-fraction {max_bad_fraction:g}; first: {bad[0].shard}"
-                f"{' ' + bad[0].key if bad[0].key else ''}: {bad[0].reason}): re-run "
-                "`kodalle tokenize`, or allow more with --max-bad-fraction"
-            )
+    try:
+        for split in splits:
+            listed = manifest["splits"].get(split, {"shards": []})["shards"]
+            check = SplitCheck({}, sum(int(e["count"]) for e in listed), [])
+            for entry in listed:
+                name, expected = entry["name"], int(entry["count"])
+                if mode == "off":
+                    check.counts[name] = expected
+                    continue
+                path = root / name
+                key = str(path.resolve())
+                stamp = _stamp(path)  # before reading: a shard changed meanwhile is read again
+                cached = _cached_result(old.get(key), stamp, expected)
+                if cached is not None:
+                    good = cached["good"]
+                    wrong = [BadSample(name, str(b.get("key", "")), str(b.get("reason", "")))
+                             for b in cached["bad"] if isinstance(b, dict)]
+                    check.reused += 1
+                else:
+                    samples, wrong = good_samples(path, manifest, expected=expected,
+                                                  num_text_tokens=num_text_tokens)
+                    good = len(samples)
+                    check.read += 1
+                check.counts[name] = good
+                check.bad.extend(wrong)
+                check.out_of_range[name] = sum(b.reason.startswith(OUT_OF_RANGE) for b in wrong)
+                if stamp is not None:
+                    found[key] = {**stamp, "name": name, "expected": expected, "good": good,
+                                  "bad_count": len(wrong), "out_of_range": check.out_of_range[name],
+                                  "bad": [{"key": b.key, "reason": b.reason} for b in wrong]}
+            checks[split] = check
+            bad = check.bad
+            shown = 20
+            for b in bad[:shown]:
+                report(f"{root / b.shard}{': ' + b.key if b.key else ''}: {b.reason}; skipped")
+            if len(bad) > shown:
+                report(f"{len(bad) - shown} more bad {split} samples in {root}; skipped")
+            if bad and len(bad) > max_bad_fraction * max(check.listed, 1):
+                raise KodalleError(
+                    f"{len(bad)} of {check.listed} {split} samples in {root} are bad (more than "
+                    f"--max-bad-fraction {max_bad_fraction:g}; first: {bad[0].shard}"
+                    f"{' ' + bad[0].key if bad[0].key else ''}: {bad[0].reason}): re-run "
+                    "`kodalle tokenize`, or allow more with --max-bad-fraction"
+                )
+    finally:  # what was found stays found, a refused run included
+        if cache is not None and write_cache and mode != "off":
+            with contextlib.suppress(OSError):  # a cache that cannot be written: checked again
+                write_json_atomic(cache, {"context": context, "root": str(root.resolve()),
+                                          "shards": found})
     return checks
+
 
 def manifest_downsample_factor(manifest: dict) -> int | None:
     """The downsampling factor of the VQGAN that made a token manifest's codes (older
@@ -524,13 +626,12 @@ def manifest_downsample_factor(manifest: dict) -> int | None:
     return None
 
 
-
 def check_vqgan(manifest: dict, vqgan, where: str | Path, what: str = "the VQGAN") -> None:
     """Refuse token shards that ``vqgan`` cannot decode: another codebook size or
     downsampling factor, or (when the manifest records one) another VQGAN's identity. The
     grid is the shards'; the resolution the VQGAN was trained at does not matter."""
-    factor = manifest_downsample_factor(manifest)
     recorded = manifest.get("vqgan") or {}
+    factor = manifest_downsample_factor(manifest)
     if manifest["num_image_tokens"] > vqgan.num_tokens or (
             factor is not None and factor != vqgan.downsample_factor):
         raise KodalleError(

@@ -37,7 +37,7 @@ def default_out(backbone: str) -> Path:
 # ---- the task --------------------------------------------------------------------------------
 class DalleTask(Task):
     def __init__(self, model: DALLE, cfg: DalleTrainConfig, tokens_dir: Path, vqgan=None,
-                 main: bool = True):
+                 main: bool = True, run_dir: Path | None = None):
         self.model = model
         self.cfg = cfg
         self.tokens_dir = tokens_dir
@@ -48,12 +48,15 @@ class DalleTask(Task):
         self.vocab = model.config.num_text_tokens
         self.checked = token_shards.check_shards(
             tokens_dir, num_text_tokens=self.vocab, max_bad_fraction=cfg.max_bad_fraction,
-            report=None if main else (lambda message: None))  # DDP: rank 0 warns
+            report=None if main else (lambda message: None),  # DDP: rank 0 warns
+            mode=cfg.check_shards, write_cache=main,  # --check-shards new: changed ones only
+            cache=run_dir / token_shards.CHECK_CACHE if run_dir is not None else None)
         if self.checked["train"].good == 0:
             raise KodalleError(f"{tokens_dir}: no good train samples")
         self.epoch_samples = self.checked["train"].good
         self.has_val = self.checked["val"].good > 0
-        self.data_metrics = {f"{split}_skipped": len(c.bad) for split, c in self.checked.items()}
+        self.data_metrics = {k: v for split, c in self.checked.items()
+                             for k, v in c.metrics(split).items()}
 
     def train_batches(self, start, rank, world_size):
         dataset = token_shards.TokenBatches(
@@ -277,7 +280,7 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
         sample_every=cfg.sample_every, log_every=cfg.log_every,
         max_bad_steps=cfg.max_bad_steps, resume=cfg.resume, progress=cfg.progress,
     )
-    task = DalleTask(model, cfg, tokens_dir, vqgan=vq, main=dist.main)
+    task = DalleTask(model, cfg, tokens_dir, vqgan=vq, main=dist.main, run_dir=out)
     return train(task, trainer_cfg, dist, device)
 
 
