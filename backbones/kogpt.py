@@ -14,6 +14,8 @@ def kodalle_register_backbones(register):
         name="kakaobrain-kogpt", source="kakaobrain/kogpt",
         revision="KoGPT6B-ryan1.5b-float16", language="ko",
         description="Kakao Brain KoGPT 6B (GPT-J): wte 64512 x 4096, rotary (no wpe)",
+        refuse_contextual="KoGPT 6B needs about 12 GiB just to hold its weights in fp16, on "
+                          "every rank, for every caption; use --text-encoder tables",
         tokenizer_kwargs={
             "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]",
             "pad_token": "[PAD]", "mask_token": "[MASK]",

@@ -77,6 +77,9 @@ class Backbone:
     description: str = ""
     tokenizer_kwargs: dict = field(default_factory=dict)
     local_path: str | None = None  # --backbone-path: use this copy instead of the hub
+    # why this backbone cannot run as `--text-encoder contextual` (its whole model, frozen,
+    # on every caption); empty: it can
+    refuse_contextual: str = ""
     plugin: str = ""  # filled in by the registry
 
     # ---- where the files are -------------------------------------------------------------
@@ -200,7 +203,7 @@ class Backbone:
                 return dict.fromkeys(wanted, path)
             index_path = self.fetch(index, required=False)
             if index_path is not None:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
                 return {n: self.fetch(weight_map[_match_key(weight_map, n, str(index_path))])
                         for n in wanted}
         raise KodalleError(

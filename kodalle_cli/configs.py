@@ -138,6 +138,12 @@ class DalleTrainConfig:
     text_seq_len: int | None = opt(
         None, "Caption tokens (default: the token shards', KoDALLE's 128).")
     freeze_text_emb: bool = opt(False, "Keep the backbone tables fixed.")
+    text_encoder: str = opt(
+        "tables", "tables (KoDALLE: the backbone's token and position tables) or "
+        "contextual (its whole language model, frozen; its hidden states are the text).")
+    text_layer: int = opt(-1, "contextual: the layer whose states are used (-1: the last).")
+    text_loss_weight: float = opt(
+        1.0, "Weight of the text loss (0: no text head; contextual has none).")
     loss_img_weight: float = opt(7.0, "Weight of the image loss against the text loss.")
     text_loss_on_padding: bool = opt(False, "Count padding in the text loss.")
     cond_drop: float = opt(0.0, "Share of captions dropped (for guidance).")
@@ -186,6 +192,15 @@ class DalleTrainConfig:
     device: str = opt("auto", DEVICE_HELP)
     workers: int = opt(2, "Data-loader worker processes per rank.")
     progress: bool = opt(True, "Show the progress bar.")
+
+
+# What a resumed `train reranker` may change (any other difference from the run's
+# train_config.json is refused, naming the settings): when to stop, save and evaluate, and where
+# and how fast it runs; --data may point elsewhere.
+RERANKER_RESUME_MAY_CHANGE = (
+    "max_steps", "eval_every", "eval_samples", "save_every", "keep_last", "device",
+    "precision", "resume", "out", "data", "backbone_path", "image_weights",
+)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kodalle_cli.atomic import write_json_atomic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.text import CaptionEncoder
 from kodalle_cli.weights import load_strict, read_safetensors
@@ -36,6 +37,7 @@ from kodalle_cli.weights import load_strict, read_safetensors
 CONFIG = "config.json"
 TOKENIZER_DIR = "tokenizer"
 VQGAN_DIR = "vqgan"
+TEXT_ENCODER_DIR = "text_encoder"  # contextual runs: the frozen language model
 SAMPLES_DIR = "samples"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -52,7 +54,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     out = Path(out)
     pointer = out / LATEST
     if pointer.is_file():
-        target = out / pointer.read_text().strip()
+        target = out / pointer.read_text(encoding="utf-8").strip()
         if (target / "trainer_state.json").is_file():
             return target
     found = sorted((out / CKPT_DIR).glob("step-*")) if (out / CKPT_DIR).is_dir() else []
@@ -102,7 +104,7 @@ def _process_start(pid: int) -> str | None:
     """The start time of ``pid`` (Linux /proc, clock ticks since boot), None if unknown;
     "" for a dead or zombie process."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return "" if Path("/proc/self/stat").is_file() else None
     except OSError:
@@ -202,10 +204,7 @@ def _acquire(path: Path):
 
 
 def write_config(run: Path, config: dict) -> None:
-    run.mkdir(parents=True, exist_ok=True)
-    tmp = run / f".tmp-{CONFIG}"
-    tmp.write_text(json.dumps(config, ensure_ascii=False, indent=2, default=str))
-    os.replace(tmp, run / CONFIG)
+    write_json_atomic(Path(run) / CONFIG, config, default=str)
 
 
 def read_config(run: Path) -> dict:
@@ -265,9 +264,9 @@ class LoadedRun:
     caption_encoder: CaptionEncoder | None
     vqgan: torch.nn.Module | None
     source: str
+    config: dict = field(default_factory=dict)
     # the VQGAN downsampling factor the model's codes were made with (None: not recorded)
     downsample_factor: int | None = None
-    config: dict = field(default_factory=dict)
 
     @property
     def tokenizer(self):
@@ -355,6 +354,8 @@ def load_run(path: str | os.PathLike | None = None, device: str | torch.device =
         weights = paths.checkpoint / "model.safetensors"
         load_strict(model, read_safetensors(weights, "DALLE weights"), str(weights),
                     f"the model in {paths.run / CONFIG}")
+        if model.config.contextual:
+            attach_text_encoder(model, paths.run)
         if with_tokenizer and (paths.run / TOKENIZER_DIR).is_dir():
             tokenizer = _run_tokenizer(paths.run / TOKENIZER_DIR)
         if vqgan is None and (paths.run / VQGAN_DIR).is_dir():
@@ -386,6 +387,34 @@ def _build_model(config: dict, where: Path):
         return DALLE(DALLEConfig.from_dict(model))
     except (ConfigError, TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise KodalleError(f"{where}: its model config cannot be built ({exc})") from None
+
+
+def save_text_encoder(run: Path, lm) -> None:
+    """A contextual run's language model, saved once into ``run/text_encoder`` (whole or not
+    at all), so that the run samples without its backbone."""
+    from kodalle_cli.atomic import replacing
+
+    target = Path(run) / TEXT_ENCODER_DIR
+    if (target / "config.json").is_file():
+        return
+    with replacing(target, directory=True) as tmp:
+        lm.save_pretrained(tmp, safe_serialization=True)
+
+
+def attach_text_encoder(model, run: Path) -> None:
+    """Attach the run's frozen language model to a contextual DALLE (one line if missing)."""
+    from kodalle_cli.model.contextual import load_contextual
+
+    directory = Path(run) / TEXT_ENCODER_DIR
+    if not (directory / "config.json").is_file():
+        raise KodalleError(f"{run} is a contextual run but has no {TEXT_ENCODER_DIR}/ (its "
+                           "language model): the run is incomplete")
+    try:
+        encoder = load_contextual(directory, model.config.pad_id, model.config.text_layer)
+    except (OSError, ValueError) as exc:
+        raise KodalleError(f"cannot load the run's language model {directory}: "
+                           f"{(str(exc).splitlines() or [''])[0]}") from None
+    model.attach_text_encoder(encoder)
 
 
 def _run_tokenizer(directory: Path):
@@ -478,6 +507,8 @@ def save_run(run: str | os.PathLike, model, tokenizer=None, vqgan=None, step: in
         from kodalle_cli.vqgan import save_vqgan
 
         save_vqgan(vqgan, run / VQGAN_DIR)
+    if model.text_encoder is not None:
+        save_text_encoder(run, model.text_encoder.lm)
     ckpt = run / CKPT_DIR / checkpoint_name(step)
     ckpt.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},

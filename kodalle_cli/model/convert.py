@@ -268,6 +268,9 @@ def to_dalle_pytorch(model: DALLE) -> tuple[dict, dict]:
     cfg = model.config
     if cfg.text_dim not in (None, cfg.dim):
         raise KodalleError("a model with a text projection has no DALLE-pytorch equivalent")
+    if not cfg.has_text_head:
+        raise KodalleError("a model without a text head (--text-loss-weight 0, contextual "
+                           "text) has no DALLE-pytorch equivalent")
     sd = model.state_dict()
     out = {}
     for key, value in sd.items():
@@ -342,11 +345,9 @@ def load_dalle_pytorch_checkpoint(path: str | Path, **kwargs) -> tuple[DALLE, di
 def save_dalle_pytorch_checkpoint(model: DALLE, path: str | Path,
                                   vae_params: dict | None = None) -> None:
     """Write a kodalle model as a DALLE-pytorch / KoDALLE ``.pt`` (temp name, then rename)."""
-    import os
+    from kodalle_cli.atomic import replacing
 
     sd, hparams = to_dalle_pytorch(model)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     hparams["attn_types"] = list(hparams["attn_types"])
-    torch.save({"hparams": hparams, "vae_params": vae_params, "weights": sd}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save({"hparams": hparams, "vae_params": vae_params, "weights": sd}, tmp)

@@ -52,6 +52,20 @@ Choices about the text side (what the oracle test pins down):
 - Text loss: padding targets after the first are left out (the first one teaches the
   caption's end), averaged per sample then over the batch; ``text_loss_on_padding=True``
   counts every position, which is exactly DALLE-pytorch's / KoDALLE's loss.
+  ``loss = (text_loss_weight * text_loss + loss_img_weight * image_loss) / (sum of both)``;
+  ``text_loss_weight=0`` drops the text head (no text logits, no text rows in ``to_logits``):
+  with a 250k-token multilingual vocabulary those logits are most of a step's cost.
+
+The text encoder (``text_encoder``):
+
+- ``tables`` (KoDALLE's): the backbone's token and position tables, as above.
+- ``contextual``: the backbone's whole language model runs frozen
+  (:class:`~kodalle_cli.model.contextual.ContextualText`, attached as ``model.text_encoder``
+  and never part of the model's parameters or checkpoints); the hidden states of layer
+  ``text_layer`` for the caption ids go through a learned projection to ``dim`` and become
+  text positions ``1..T``; position 0 is a learned start vector. No text loss (nothing to
+  predict), no text tables. The image half, the KV cache and guidance are unchanged; the
+  null caption (all padding) is the LM's states of a lone pad token.
 
 Generation uses a preallocated key/value cache (:class:`KVCache`)::
 
@@ -77,6 +91,7 @@ from torch import nn
 from kodalle_cli.errors import ConfigError
 
 ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
+TEXT_ENCODERS = ("tables", "contextual")
 CONV_KERNEL, CONV_DILATION = 5, 1  # DALLE-pytorch's conv_like window (its Transformer's)
 
 
@@ -105,6 +120,9 @@ class DALLEConfig:
     rotary_emb: bool = False  # rotary positions instead of the position tables
     shift_tokens: bool = False  # DALLE-pytorch's token shift
     attn_types: tuple[str, ...] = ("full",)  # cycled over the layers
+    text_loss_weight: float = 1.0  # 0: no text head
+    text_encoder: str = "tables"  # tables | contextual
+    text_layer: int = -1  # contextual: which hidden states (-1 the last, 0 the embeddings)
 
     def __post_init__(self):
         types = self.attn_types
@@ -118,6 +136,14 @@ class DALLEConfig:
         unknown = [t for t in self.attn_types if t not in ATTN_TYPES]
         if unknown or not self.attn_types:
             raise ConfigError("attn_types", value, f"each must be one of {', '.join(ATTN_TYPES)}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ConfigError("text_encoder", self.text_encoder,
+                              f"choose {' or '.join(TEXT_ENCODERS)}")
+        if not (self.text_loss_weight >= 0 and math.isfinite(self.text_loss_weight)):
+            raise ConfigError("text_loss_weight", self.text_loss_weight, "must be 0 or more")
+        if self.contextual and self.unique_pad_tokens:
+            raise ConfigError("text_encoder", self.text_encoder, "contextual text does not "
+                              "take DALLE-pytorch's unique padding tokens")
 
     @property
     def image_seq_len(self) -> int:
@@ -126,6 +152,20 @@ class DALLEConfig:
     @property
     def num_text_logits(self) -> int:
         return self.num_text_tokens + self.text_seq_len
+
+    @property
+    def contextual(self) -> bool:
+        return self.text_encoder == "contextual"
+
+    @property
+    def has_text_head(self) -> bool:
+        """Whether the model predicts caption tokens (a text loss and text logits)."""
+        return not self.contextual and self.text_loss_weight > 0
+
+    @property
+    def text_head_rows(self) -> int:
+        """Rows of ``to_logits`` before the image codes' (0 without a text head)."""
+        return self.num_text_logits if self.has_text_head else 0
 
     @property
     def text_emb_rows(self) -> int:
@@ -466,9 +506,16 @@ class DALLE(nn.Module):
         text_dim = cfg.text_dim or cfg.dim
         # position tables, unless rotary embeddings replace them (as in DALLE-pytorch)
         tables = not cfg.rotary_emb
-        self.text_emb = nn.Embedding(cfg.text_emb_rows, text_dim)
-        self.text_pos_emb = nn.Embedding(cfg.text_seq_len + 1, text_dim) if tables else None
-        self.text_proj = nn.Linear(text_dim, cfg.dim) if text_dim != cfg.dim else nn.Identity()
+        if cfg.contextual:  # the language model's states (attached, frozen) and a start vector
+            self.text_emb = self.text_pos_emb = None
+            self.text_bos = nn.Parameter(torch.randn(text_dim) * 0.02)
+            self.text_proj = nn.Linear(text_dim, cfg.dim)
+        else:
+            self.text_emb = nn.Embedding(cfg.text_emb_rows, text_dim)
+            self.text_pos_emb = nn.Embedding(cfg.text_seq_len + 1, text_dim) if tables else None
+            self.text_proj = (nn.Linear(text_dim, cfg.dim) if text_dim != cfg.dim
+                              else nn.Identity())
+        self.text_encoder = None  # contextual: a ContextualText, set by attach_text_encoder
         self.image_emb = nn.Embedding(cfg.num_image_tokens, cfg.dim)
         # axial position embedding: row + column tables, summed
         fmap = cfg.image_fmap_size
@@ -477,7 +524,7 @@ class DALLE(nn.Module):
         self.rotary = NoRotary() if tables else Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.dim)
-        self.to_logits = nn.Linear(cfg.dim, cfg.num_text_logits + cfg.num_image_tokens)
+        self.to_logits = nn.Linear(cfg.dim, cfg.text_head_rows + cfg.num_image_tokens)
         self.grad_checkpointing = False
 
     # ---- sizes ---------------------------------------------------------------------------
@@ -500,7 +547,7 @@ class DALLE(nn.Module):
         """Training FLOPs per token (6N + attention), for MFU."""
         cfg = self.config
         n = sum(p.numel() for name, p in self.named_parameters() if name.startswith("blocks"))
-        n += cfg.dim * (cfg.num_text_logits + cfg.num_image_tokens)
+        n += cfg.dim * (cfg.text_head_rows + cfg.num_image_tokens)
         attn = 12 * cfg.depth * cfg.heads * cfg.dim_head * self.total_seq_len / 2  # causal
         return 6 * n + attn
 
@@ -518,11 +565,24 @@ class DALLE(nn.Module):
         reserved = torch.arange(cfg.text_seq_len, device=text.device) + cfg.num_text_tokens
         return torch.where(text == cfg.pad_id, reserved, text)
 
+    def attach_text_encoder(self, encoder) -> None:
+        """Contextual models: the frozen language model that reads the captions
+        (:class:`~kodalle_cli.model.contextual.ContextualText`). A plain attribute, not a
+        submodule: its weights are never trained, saved with the model, or wrapped by DDP."""
+        self.text_encoder = encoder
+
     def embed_text(self, text: torch.Tensor) -> torch.Tensor:
         """[B, T] caption ids -> [B, T + 1, dim] (bos prepended)."""
         assert text.shape[1] == self.text_seq_len, (
             f"text has {text.shape[1]} tokens, the model takes {self.text_seq_len}"
         )
+        if self.config.contextual:
+            if self.text_encoder is None:
+                raise RuntimeError("a contextual model needs its language model: "
+                                   "model.attach_text_encoder(ContextualText(...))")
+            states = self.text_encoder(text).to(self.text_bos.dtype)
+            start = self.text_bos.expand(text.shape[0], 1, -1)
+            return self.text_proj(torch.cat((start, states), dim=1))
         text = F.pad(self.text_targets(text), (1, 0), value=self.config.bos_id)
         if self.text_pos_emb is None:  # rotary
             return self.text_proj(self.text_emb(text))
@@ -583,11 +643,11 @@ class DALLE(nn.Module):
         return (x1 + x2) / 2
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        n = self.config.num_text_logits
+        n = self.config.text_head_rows
         return F.linear(h, self.to_logits.weight[:n], self.to_logits.bias[:n])
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
-        n = self.config.num_text_logits
+        n = self.config.text_head_rows
         return F.linear(h, self.to_logits.weight[n:], self.to_logits.bias[n:])
 
     def forward(self, text: torch.Tensor, image: torch.Tensor | None = None,
@@ -600,14 +660,15 @@ class DALLE(nn.Module):
             return self.loss(text, image, cond_drop=cond_drop)
         x = self.embed(text, image)[:, : self.total_seq_len]
         logits = self.to_logits(self.transformer(x))
-        n, t = x.shape[1], self.config.num_text_logits
+        n, t = x.shape[1], self.config.text_head_rows
         is_image_pos = torch.arange(n, device=x.device)[:, None] >= self.text_seq_len
         is_image_tok = torch.arange(logits.shape[-1], device=x.device)[None, :] >= t
         return logits.masked_fill(is_image_pos != is_image_tok, -torch.finfo(logits.dtype).max)
 
     # ---- training ------------------------------------------------------------------------
     def loss(self, text: torch.Tensor, image: torch.Tensor, cond_drop: float = 0.0):
-        """``(text_loss + w * image_loss) / (1 + w)`` and its parts (detached).
+        """``(wt * text_loss + w * image_loss) / (wt + w)`` and its parts (detached); without
+        a text head (``text_loss_weight=0``, contextual text) the image loss alone.
 
         ``cond_drop``: share of captions replaced by padding (classifier-free guidance).
         Only the logits each position may produce are computed (text rows for text
@@ -619,6 +680,9 @@ class DALLE(nn.Module):
             text = torch.where(drop[:, None], cfg.pad_id, text)
         h = self.transformer(self.embed(text, image[:, :-1]))
         t = self.text_seq_len
+        image_loss = F.cross_entropy(self.image_logits(h[:, t:]).float().transpose(1, 2), image)
+        if not cfg.has_text_head:
+            return image_loss, {"image_loss": image_loss.detach()}
         text_ce = F.cross_entropy(
             self.text_logits(h[:, :t]).float().transpose(1, 2), self.text_targets(text),
             reduction="none",
@@ -629,9 +693,8 @@ class DALLE(nn.Module):
             is_pad = text == cfg.pad_id
             keep = (~is_pad | (is_pad.cumsum(1) == 1)).float()
             text_loss = ((text_ce * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
-        image_loss = F.cross_entropy(self.image_logits(h[:, t:]).float().transpose(1, 2), image)
-        w = cfg.loss_img_weight
-        loss = (text_loss + w * image_loss) / (1 + w)
+        wt, w = cfg.text_loss_weight, cfg.loss_img_weight
+        loss = (wt * text_loss + w * image_loss) / (wt + w)
         return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
     # ---- generation ----------------------------------------------------------------------
@@ -677,6 +740,8 @@ def init_from_backbone(model: DALLE, embeddings, freeze: bool = False) -> None:
     ``rotary_emb`` has no position table: only the token table is copied.
     """
     cfg = model.config
+    if cfg.contextual:  # no tables: the language model itself is attached
+        return
     if tuple(embeddings.token.shape) != tuple(model.text_emb.weight.shape):
         raise ValueError(
             f"backbone token table {tuple(embeddings.token.shape)} does not fit the model's "

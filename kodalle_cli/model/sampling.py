@@ -197,7 +197,7 @@ def generate_codes(
     for i in range(kept, steps):
         if not use_cache:
             image = codes[:, :i].repeat(2, 1) if guided else codes[:, :i]
-            logits = model(rows, image)[:, -1, cfg.num_text_logits :]
+            logits = model(rows, image)[:, -1, cfg.text_head_rows :]
         logits = logits.float()
         code = draw(filter_logits(_guided(logits, batch, settings.cond_scale), settings,
                                   fraction_base), uniforms[:, i], greedy)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from kodalle_cli import runs
+from kodalle_cli.atomic import replacing
 from kodalle_cli.attributes import caption_record
 from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.data import tokens as token_shards
@@ -106,7 +107,7 @@ class DalleTask(Task):
         if not self.has_val:
             return {}
         device = next(model.parameters()).device
-        totals, n = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}, 0
+        totals, n = {}, 0
         for i, samples in enumerate(self._val_batches()):
             if i >= self.cfg.eval_batches:
                 break
@@ -115,9 +116,8 @@ class DalleTask(Task):
             # through forward (not model.loss): under FSDP it gathers the weights
             loss, parts = model(ids.to(device), codes.to(device), return_loss=True)
             b = ids.shape[0]
-            totals["loss"] += float(loss) * b
-            totals["text_loss"] += float(parts["text_loss"]) * b
-            totals["image_loss"] += float(parts["image_loss"]) * b
+            for key, value in {"loss": loss, **parts}.items():  # text_loss: with a text head
+                totals[key] = totals.get(key, 0.0) + float(value) * b
             n += b
         return {k: v / n for k, v in totals.items()} if n else {}
 
@@ -139,9 +139,8 @@ class DalleTask(Task):
         images = self.vqgan.decode(codes.cpu())
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step-{step:07d}.png"
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_image(images, tmp, format="png", nrow=len(samples))
-        tmp.replace(path)
+        with replacing(path) as tmp:
+            save_image(images, tmp, format="png", nrow=len(samples))
         (out_dir / f"step-{step:07d}.txt").write_text(
             "\n".join(s["txt"] for s in samples) + "\n", encoding="utf-8"
         )
@@ -191,6 +190,7 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
 
     if cfg.strategy not in STRATEGIES:
         raise UsageError(f"--strategy {cfg.strategy}: choose one of {', '.join(STRATEGIES)}")
+    contextual = cfg.text_encoder == "contextual"
     if cfg.strategy == "fsdp" and cfg.reversible:
         raise UsageError("--strategy fsdp does not work with --reversible yet (its blocks run "
                          "outside their forward, which FSDP needs to gather them)")
@@ -201,6 +201,9 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
     manifest = token_shards.read_manifest(tokens_dir)
 
     backbone = get_backbone(cfg.backbone, cfg.backbone_path)
+    if contextual and backbone.refuse_contextual:
+        raise UsageError(f"--text-encoder contextual: backbone {backbone.name} cannot run as "
+                         f"one ({backbone.refuse_contextual})")
     from kodalle_cli.tokenize_shards import tokenizer_identity
 
     if manifest.get("tokenizer_hash") and manifest["tokenizer_hash"] != tokenizer_identity(
@@ -215,7 +218,7 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
             f"--text-seq-len {cfg.text_seq_len} but the token shards in {tokens_dir} have "
             f"{manifest['text_seq_len']}: re-tokenize or drop the option"
         )
-    emb = backbone.load_embeddings()
+    emb = backbone.load_embeddings()  # contextual too: the pad/bos ids and the width
     if existing:
         saved = runs.read_config(out)
         _refuse_changed_settings(out, saved, cfg)
@@ -234,15 +237,18 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
             bos_id=emb.bos_id if emb.bos_id is not None else 0,
             loss_img_weight=cfg.loss_img_weight, text_loss_on_padding=cfg.text_loss_on_padding,
             reversible=cfg.reversible, rotary_emb=cfg.rotary, shift_tokens=cfg.shift_tokens,
-            attn_types=cfg.attn_types,
+            attn_types=cfg.attn_types, text_loss_weight=cfg.text_loss_weight,
+            text_encoder=cfg.text_encoder, text_layer=cfg.text_layer,
         )
-        if mcfg.text_dim == mcfg.dim:
+        if mcfg.text_dim == mcfg.dim and not mcfg.contextual:
             mcfg.text_dim = None
 
     torch.manual_seed(cfg.seed)
     model = DALLE(mcfg)
     init_from_backbone(model, emb, freeze=cfg.freeze_text_emb)
     model.grad_checkpointing = cfg.grad_checkpointing
+    if mcfg.contextual:
+        _attach_language_model(model, backbone, out, existing, dist)
 
     vq = None
     if dist.main:
@@ -282,6 +288,19 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
     )
     task = DalleTask(model, cfg, tokens_dir, vqgan=vq, main=dist.main, run_dir=out)
     return train(task, trainer_cfg, dist, device)
+
+
+def _attach_language_model(model: DALLE, backbone, out: Path, existing: bool, dist) -> None:
+    """Contextual text: the backbone's language model, frozen. A new run saves it into
+    ``OUT/text_encoder`` (rank 0) and every rank reads it back from there, so that training,
+    resuming and sampling all use the same weights."""
+    from kodalle_cli.progress import quiet_libraries
+
+    quiet_libraries()
+    if dist.main and not existing:
+        runs.save_text_encoder(out, backbone.load_model())
+    dist.barrier()
+    runs.attach_text_encoder(model, out)
 
 
 def _copy_vqgan(cfg: DalleTrainConfig, manifest: dict, out: Path):
