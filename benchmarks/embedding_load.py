@@ -73,7 +73,7 @@ def build(cache: Path, size: dict) -> tuple[Path, Path]:
 
 
 def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
@@ -89,7 +89,7 @@ def child(method: str, path: str) -> None:
     from kodalle_cli.backbone import get_backbone
 
     imports = time.perf_counter() - start
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: imports are not the load
+    Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")  # reset VmHWM: imports are not the load
     base = _status_mib("VmRSS")
     start = time.perf_counter()
     if method.startswith("kodalle"):

@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kodalle_cli.atomic import write_json_atomic
+
 MIN_REPEATS = 5
 
 
@@ -223,8 +225,6 @@ def print_table(result: dict, unit: str = "s") -> None:
 def _write_json(path: Path, result: dict) -> None:
     """Append this comparison to the JSON file (a list: a script may compare several things)."""
     path = Path(path)
-    results = json.loads(path.read_text()) if path.is_file() else []
+    results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     results.append(result)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, results)

@@ -39,7 +39,7 @@ ARMS = ("plain", "reversible")
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -131,7 +131,7 @@ def build(work: Path, size: dict, vqgan_ch: int, quick: bool) -> dict:
              "backbone": build_klue_like(work / "backbone"),
              "script": work / "dalle_pytorch_sample.py"}
     save_dalle_pytorch_checkpoint(model, files["pt"])
-    files["script"].write_text(DALLE_PYTORCH_SCRIPT)
+    files["script"].write_text(DALLE_PYTORCH_SCRIPT, encoding="utf-8")
     # the same model as a run directory: what `kodalle train` leaves and users sample from
     from kodalle_cli.runs import load_run, save_run
 

@@ -17,12 +17,8 @@ PIL images, and each caption's metadata.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kodalle_cli.atomic import jsonable
+from kodalle_cli.atomic import jsonable, replacing, write_json_atomic
 from kodalle_cli.text import normalize
 
 SLUG_MAX_CHARS = 60
@@ -204,11 +200,7 @@ def caption_metadata(encoded, caption_index: int, text_seq_len: int, seed: int,
 # ---- the caption folder ----------------------------------------------------------------------
 def write_caption_dir(directory: Path, result: CaptionResult) -> Path:
     """Write images, grid, codes and metadata under a temporary name, then rename."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name[:20]}.", suffix=".tmp",
-                                dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
+    with replacing(directory, directory=True) as tmp:
         for img, info in zip(result.images, result.metadata["images"], strict=True):
             img.save(tmp / info["file"])
         grid = make_grid(result.images)
@@ -222,13 +214,7 @@ def write_caption_dir(directory: Path, result: CaptionResult) -> Path:
         grid.save(tmp / "grid.png")
         if result.codes is not None:
             np.save(tmp / "codes.npy", result.codes.cpu().numpy().astype(np.int32))
-        (tmp / "metadata.json").write_text(
-            json.dumps(result.metadata, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-        )
+        write_json_atomic(tmp / "metadata.json", result.metadata)
         if directory.exists():  # empty (unique_slugs skips non-empty ones)
             directory.rmdir()
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

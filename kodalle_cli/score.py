@@ -22,7 +22,6 @@ How the numbers are made, so two runs are comparable:
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kodalle_cli.atomic import replacing, write_json_atomic
 from kodalle_cli.configs import ScoreConfig
 from kodalle_cli.errors import KodalleError
 
@@ -197,10 +197,8 @@ def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
             elif isinstance(module, torch.nn.Linear):
                 module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     return path
 
 
@@ -399,9 +397,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         "out": str(out),
         **({"memorisation": memo} if memo is not None else {}),
     }
-    tmp = out / "score.json.tmp"
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "score.json")
+    write_json_atomic(out / "score.json", result)
     return result
 
 

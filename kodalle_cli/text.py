@@ -260,7 +260,7 @@ def load_run_tokenizer(directory: str | Path):
     check, path = directory / RAW_CHECK, directory / "tokenizer.json"
     if check.is_file() and path.is_file():
         try:
-            checked = json.loads(check.read_text())
+            checked = json.loads(check.read_text(encoding="utf-8"))
             if checked["tokenizer.json"] == _sha256(path):
                 return RawTokenizer(path, checked["unk_token_id"], checked["all_special_ids"])
         except (ValueError, KeyError, TypeError, OSError):

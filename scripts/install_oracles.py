@@ -53,8 +53,8 @@ def main() -> None:
         )
     spec = importlib.util.find_spec("taming")
     main_py = Path(next(iter(spec.submodule_search_locations))) / "main.py"
-    if main_py.read_text() != TAMING_MAIN:
-        main_py.write_text(TAMING_MAIN)
+    if main_py.read_text(encoding="utf-8") != TAMING_MAIN:
+        main_py.write_text(TAMING_MAIN, encoding="utf-8")
     print("oracles ready: " + ", ".join(f"{n} {installed(n)}" for n in PACKAGES))
 
 

@@ -55,7 +55,7 @@ def tiny(shards, out, **kw):
 def train_rows(out, split="train"):
     """metrics.csv (tidy) as {metric: {step: value}} for one split."""
     table = {}
-    for r in csv.DictReader(open(out / "metrics.csv")):
+    for r in csv.DictReader(open(out / "metrics.csv", encoding="utf-8")):
         if r["split"] == split:
             table.setdefault(r["metric"], {})[int(r["step"])] = float(r["value"])
     return table

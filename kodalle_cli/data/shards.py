@@ -30,14 +30,21 @@ import contextlib
 import glob
 import io
 import json
-import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kodalle_cli.atomic import disk_full_error, is_disk_full, write_json_atomic
+from kodalle_cli.atomic import (
+    discard,
+    disk_full_error,
+    is_disk_full,
+    leftovers,
+    rename_into_place,
+    temp_path,
+    write_json_atomic,
+)
 from kodalle_cli.errors import KodalleError
 
 SPLITS = ("train", "val")
@@ -62,7 +69,7 @@ class ShardWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         # plain tarfile (webdataset's TarWriter would import torch into every worker)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
         self.count = 0
@@ -89,7 +96,7 @@ class ShardWriter:
     def commit(self, stats: dict) -> None:
         with self._disk_full():
             self._tar.close()
-            os.replace(self.tmp, self.path)
+            rename_into_place(self.tmp, self.path)
             write_json_atomic(stats_path(self.path), stats)
 
     @contextlib.contextmanager
@@ -109,13 +116,13 @@ class ShardWriter:
     def abort(self) -> None:
         with contextlib.suppress(Exception):  # closing may fail again (a full disk)
             self._tar.close()
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
 
 def remove_stale_temporaries(out: Path) -> None:
     """Drop temporary files left by a killed run (their shards are rebuilt)."""
-    for p in out.glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
+    for p in leftovers(out):
+        discard(p)
 
 
 # ---- reading ---------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 import signal
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kodalle_cli.atomic import write_json_atomic
+from kodalle_cli.atomic import discard, rename_into_place, temp_path, write_json_atomic
 from kodalle_cli.data.shards import stats_path
 from kodalle_cli.errors import KodalleError
 
@@ -190,7 +189,7 @@ class TokenShardsWriter:
         if split in self._open:
             raise ValueError(f"a {split} shard is already open")
         final = self.out_dir / (name or f"{split}-{len(self.shards[split]):06d}.tar")
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = temp_path(final)
         self._open[split] = _OpenShard(wds.TarWriter(str(tmp), encoder=False, mtime=0.0), tmp,
                                        final)
         return final
@@ -226,9 +225,9 @@ class TokenShardsWriter:
         shard = self._open.pop(split)
         try:
             shard.writer.close()
-            os.replace(shard.tmp, shard.final)
+            rename_into_place(shard.tmp, shard.final)
         except BaseException:  # e.g. a full disk: no partial shard stays
-            shard.tmp.unlink(missing_ok=True)
+            discard(shard.tmp)
             raise
         if stats is not None:
             write_json_atomic(stats_path(shard.final), stats)  # last: the shard is finished
@@ -274,7 +273,7 @@ class TokenShardsWriter:
         for shard in self._open.values():
             with contextlib.suppress(Exception):  # closing may fail again (a full disk)
                 shard.writer.close()
-            shard.tmp.unlink(missing_ok=True)
+            discard(shard.tmp)
         self._open.clear()
 
     def __enter__(self):

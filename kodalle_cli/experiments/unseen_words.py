@@ -46,7 +46,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from kodalle_cli.atomic import write_json_atomic, write_text_atomic
+from kodalle_cli.atomic import replacing, write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.experiments import faithfulness as fa
@@ -292,10 +292,9 @@ def random_tables_backbone(source: Path, out: Path, seed: int) -> Path:
         fresh = torch.randn(table.shape, generator=generator) * table.std() + table.mean()
         tensors[key] = fresh.to(tensors[key].dtype).contiguous()
         replaced.append(key)
-    tmp = out / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "kodalle": "random tables: "
-                                           + ", ".join(replaced) + f" (seed {seed})"})
-    tmp.replace(out / "model.safetensors")
+    with replacing(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "kodalle": "random tables: "
+                                               + ", ".join(replaced) + f" (seed {seed})"})
     return out
 
 

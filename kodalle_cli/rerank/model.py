@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kodalle_cli.atomic import replacing, write_json_atomic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.text import CaptionEncoder
 
@@ -237,40 +237,18 @@ def save_reranker(model: Reranker, out: str | Path) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text_tmp = out / (TEXT_DIR + ".tmp")
-    if text_tmp.exists():
-        import shutil
-
-        shutil.rmtree(text_tmp)
-    model.text.save_pretrained(text_tmp, safe_serialization=True)
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(text_tmp)
-    _replace_dir(text_tmp, out / TEXT_DIR)
+    with replacing(out / TEXT_DIR, directory=True) as text_tmp:
+        model.text.save_pretrained(text_tmp, safe_serialization=True)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(text_tmp)
     rest = {
         k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
         if not k.startswith("text.")
     }
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(rest, str(tmp), metadata={"format": "pt", "kind": KIND})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    tmp = out / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(asdict(model.config), ensure_ascii=False, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_NAME)
+    with replacing(out / WEIGHTS_NAME) as tmp:
+        save_file(rest, str(tmp), metadata={"format": "pt", "kind": KIND})
+    write_json_atomic(out / CONFIG_NAME, asdict(model.config))
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    import shutil
-
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
 
 
 def is_reranker_dir(path: str | Path) -> bool:

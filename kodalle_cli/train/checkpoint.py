@@ -14,9 +14,10 @@ A checkpoint (``OUT/checkpoints/step-N``, named by :mod:`kodalle_cli.runs`) hold
     ...                   the task's own files (Task.save_extra / load_extra)
 
 Exact resume: with all of it restored, a run killed and resumed on the CPU reaches bitwise
-the weights of an uninterrupted run. A checkpoint is written to ``checkpoints/.tmp-step-N``
-and renamed when complete; ``latest`` is replaced atomically after it, so a kill at any
-moment leaves the previous checkpoint usable. A write that fails (a full disk) removes its
+the weights of an uninterrupted run. A checkpoint is written to
+``checkpoints/.step-N.tmp-PID`` and renamed when complete (:func:`kodalle_cli.atomic.replacing`);
+``latest`` is replaced atomically after it, so a kill at any moment leaves the previous
+checkpoint usable. A write that fails (a full disk) removes its
 temporary directory and says so in one line; old checkpoints are renamed away before they
 are deleted, so no half checkpoint ever carries a ``step-N`` name.
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +44,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from kodalle_cli.atomic import disk_full_error, is_disk_full, write_text_atomic
+from kodalle_cli.atomic import (
+    discard,
+    disk_full_error,
+    is_disk_full,
+    leftovers,
+    remove_tree,
+    replacing,
+    write_text_atomic,
+)
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.runs import CKPT_DIR, LATEST, checkpoint_name, latest_checkpoint
 from kodalle_cli.train.dist import DDPStrategy, Dist
@@ -100,9 +108,9 @@ def kill_hook(name: str, step: int | str) -> None:
 
 # ---- writing ---------------------------------------------------------------------------------
 def remove_partial_saves(out: Path) -> None:
-    """Delete what saves killed half-way left (``checkpoints/.tmp-*``)."""
-    for stale in (out / CKPT_DIR).glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Delete what saves killed half-way left (``checkpoints/.step-N.tmp-PID`` ...)."""
+    for stale in leftovers(out / CKPT_DIR):
+        discard(stale)
 
 
 def save_checkpoint(out: Path, task: Task, optimizer, scaler: torch.amp.GradScaler,
@@ -131,13 +139,10 @@ def _write(out: Path, task: Task, gathered: tuple[dict, dict], scaler: torch.amp
     ckpts = out / CKPT_DIR
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / checkpoint_name(state["step"])
-    tmp = ckpts / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        _write_files(tmp, task, gathered, scaler, state, rngs)
+    try:  # re-saving the same step (e.g. after a resume) replaces it whole
+        with replacing(final, directory=True) as tmp:
+            _write_files(tmp, task, gathered, scaler, state, rngs)
     except BaseException as exc:  # a full disk, a second Ctrl-C: nothing partial stays
-        shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
             previous = latest_checkpoint(out)
             intact = (f"the previous checkpoint {previous.name} and `latest` are intact"
@@ -146,21 +151,11 @@ def _write(out: Path, task: Task, gathered: tuple[dict, dict], scaler: torch.amp
                                   f"{intact}; free space and run the same command to resume"
                                   ) from None
         raise
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it, never
-        old = ckpts / f".tmp-old-{final.name}"  # leaving a half-deleted one under its name
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
     write_text_atomic(out / LATEST, f"{CKPT_DIR}/{final.name}")
     if keep_last > 0:
         done = sorted(p for p in ckpts.glob("step-*") if p.is_dir())
         for old in done[:-keep_last]:
-            gone = ckpts / f".tmp-del-{old.name}"  # renamed first: never half a checkpoint
-            os.replace(old, gone)
-            shutil.rmtree(gone, ignore_errors=True)
+            remove_tree(old)  # renamed first: never half a checkpoint
     return final
 
 
@@ -176,7 +171,7 @@ def _write_files(tmp: Path, task: Task, gathered: tuple[dict, dict],
     scaler_state = scaler.state_dict() if scaler.is_enabled() else None
     torch.save({"ranks": rngs, "scaler": scaler_state}, tmp / RNG)
     task.save_extra(tmp)
-    (tmp / STATE).write_text(json.dumps(state, indent=2))
+    (tmp / STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
 
 # ---- settings a resumed run may change -------------------------------------------------------
@@ -230,7 +225,7 @@ def load_weights(model: nn.Module, ckpt: Path) -> None:
 
 def read_state(ckpt: Path) -> dict:
     """trainer_state.json: ``step``, ``bad_steps_total`` and the run's shape."""
-    return json.loads((ckpt / STATE).read_text())
+    return json.loads((ckpt / STATE).read_text(encoding="utf-8"))
 
 
 def load_optimizer(optimizer, ckpt: Path, device: torch.device,

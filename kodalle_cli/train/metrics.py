@@ -4,9 +4,10 @@ value (:class:`Metrics` writes it, :func:`read_metrics` reads it back)."""
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
+
+from kodalle_cli.atomic import replacing
 
 METRIC_FIELDS = ["step", "split", "metric", "value", "time"]
 
@@ -21,22 +22,16 @@ class Metrics:
         rows = []
         if resume_step is not None and path.is_file():
             rows = [raw for raw, r in _rows(path) if r["step"] <= resume_step]
-        tmp = path.with_name(f".tmp-{path.name}")
-        try:
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, METRIC_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
 
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled or not values:
             return
         now = f"{time.time():.3f}"
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             for k, v in values.items():
                 w.writerow([step, split, k, f"{float(v):.8g}", now])
@@ -51,7 +46,7 @@ def read_metrics(path: Path) -> list[dict]:
 def _rows(path: Path) -> list[tuple[dict, dict]]:
     """(the row as written, the row parsed) for each whole row."""
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for raw in csv.DictReader(f):
             try:
                 rows.append((raw, {**raw, "step": int(raw["step"]),

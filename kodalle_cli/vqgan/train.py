@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from kodalle_cli.atomic import jsonable, write_json_atomic
+from kodalle_cli.atomic import jsonable, replacing, write_json_atomic
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.runs import latest_checkpoint, run_lock
 from kodalle_cli.train.trainer import Task, TrainerConfig, train
@@ -383,7 +382,7 @@ class VQGANTask(Task):
 
     def save_extra(self, ckpt_dir):
         torch.save(self.monitor.state_dict(), ckpt_dir / "codebook.pt")
-        (ckpt_dir / "data.json").write_text(json.dumps(self.stream.state_dict()))
+        (ckpt_dir / "data.json").write_text(json.dumps(self.stream.state_dict()), encoding="utf-8")
         if self.opt_d is not None:
             from safetensors.torch import save_file
 
@@ -394,11 +393,13 @@ class VQGANTask(Task):
 
     def load_extra(self, ckpt_dir):
         device = self.model.device
-        self.step = json.loads((ckpt_dir / "trainer_state.json").read_text())["step"]
+        state = (ckpt_dir / "trainer_state.json").read_text(encoding="utf-8")
+        self.step = json.loads(state)["step"]
         self.monitor.load_state_dict(
             torch.load(ckpt_dir / "codebook.pt", map_location=device, weights_only=True))
         if (ckpt_dir / "data.json").is_file():  # older checkpoints: start * batch_size
-            self.stream.load_state_dict(json.loads((ckpt_dir / "data.json").read_text()))
+            data = (ckpt_dir / "data.json").read_text(encoding="utf-8")
+            self.stream.load_state_dict(json.loads(data))
         if self.opt_d is not None and (ckpt_dir / "discriminator.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -477,6 +478,5 @@ def save_reconstruction_grid(model: VQGAN, images: torch.Tensor, path: Path) -> 
     from torchvision.utils import save_image
 
     recon = model.decode(model.encode(images)).cpu()
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_image(torch.cat([images, recon]), str(tmp), nrow=len(images), format="png")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_image(torch.cat([images, recon]), str(tmp), nrow=len(images), format="png")
