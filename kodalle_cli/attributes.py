@@ -30,7 +30,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ from kodalle_cli.data.kfashion import (
     part_attributes,
     style_attributes,
 )
+from kodalle_cli.data.shards import iter_shard_meta
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.text import normalize
 
@@ -92,21 +92,11 @@ def _majority_order(sequences: Counter, prior: Sequence[str] = ()) -> list[str]:
 
 def _shard_labels(tar_path: Path) -> Iterable[Mapping]:
     """The ``labels`` (라벨링 block) of every sample's ``KEY.json`` in one image shard; only
-    the small JSON members are read (the JPEGs are skipped over)."""
-    with tarfile.open(tar_path, "r") as tar:
-        for member in tar:
-            if not member.isfile() or not member.name.endswith(".json"):
-                continue
-            fh = tar.extractfile(member)
-            if fh is None:
-                continue
-            try:
-                meta = json.loads(fh.read().decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                continue
-            labels = meta.get("labels") if isinstance(meta, dict) else None
-            if isinstance(labels, Mapping):
-                yield labels
+    the small JSON members are read (the images are skipped over)."""
+    for _, meta in iter_shard_meta(tar_path):
+        labels = meta.get("labels")
+        if isinstance(labels, Mapping):
+            yield labels
 
 
 def scan_labels(labels: Iterable[Mapping], include_style: bool = False) -> dict:

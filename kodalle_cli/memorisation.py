@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kodalle_cli.data.shards import read_image
 from kodalle_cli.errors import KodalleError
 
 THRESHOLD_PERCENTILE = 1.0
@@ -187,18 +187,11 @@ def find_tokens(data: str | Path, run_config: dict | None = None) -> Path | None
 
 
 def training_image(data: str | Path, shard: str, key: str):
-    """The JPEG of ``key`` in image shard ``shard`` of ``data`` (None when not there)."""
-    from kodalle_cli.data.images import ImageError, open_image
-
+    """The image of ``key`` in image shard ``shard`` of ``data`` (None when not there)."""
     path = Path(data) / shard
     if not shard or not path.is_file():
         return None
-    try:
-        with tarfile.open(path) as tar:
-            member = tar.extractfile(f"{key}.jpg")
-            return open_image(member.read())[0] if member else None
-    except (KeyError, OSError, tarfile.TarError, ImageError):
-        return None
+    return read_image(path, key)
 
 
 # ---- the check -------------------------------------------------------------------------------

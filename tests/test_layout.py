@@ -112,3 +112,21 @@ def test_text_files_name_their_encoding():
             if not (isinstance(mode, ast.Constant) and "b" in str(mode.value)):
                 missing.append(f"{path.relative_to(REPO)}:{node.lineno}: open")
     assert missing == []
+
+
+def test_image_shards_are_read_only_in_data():
+    """One reader of image shards (data/shards.py, token shards in data/tokens.py): no other
+    library module opens a tar itself."""
+    import ast
+
+    found = []
+    files = sorted((REPO / "kodalle_cli").rglob("*.py")) + sorted((REPO / "backbones").rglob("*.py"))
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("tarfile", "webdataset") for n in names):
+                found.append(str(path.relative_to(REPO)))
+    assert "kodalle_cli/data/shards.py" in found  # the scan sees the reader itself
+    assert [f for f in found if not f.startswith("kodalle_cli/data/")] == []

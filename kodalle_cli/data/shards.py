@@ -12,11 +12,16 @@ the tar and then its stats file into place, so a shard exists only when complete
 ``*_stats.json`` beside a tar marks it as finished (what resume looks for). Tar members have
 fixed mtime/uid/gid/mode and a fixed order, so the same samples give byte-identical shards.
 
-Reading (:func:`iter_image_samples`)::
+Reading: this module is the one reader of image shards. :func:`iter_image_samples` for
+every sample::
 
     from kodalle_cli.data.shards import iter_image_samples
     for s in iter_image_samples("shards", split="train"):
         s.key, s.image (PIL RGB), s.caption (str), s.meta (dict)
+
+:func:`iter_shard_meta` for the ``KEY.json`` of one shard without reading its images, and
+:func:`read_image` for one sample's image. A sample's image is its ``KEY.jpg`` (what
+``prepare`` writes) or any other of :data:`IMAGE_EXTENSIONS`.
 
 ``source`` is a shard directory, a glob (``shards/train-*.tar``), one tar, or a list of tars.
 Inside a torch DataLoader with several workers (or under torch.distributed) each worker
@@ -48,6 +53,9 @@ from kodalle_cli.atomic import (
 from kodalle_cli.errors import KodalleError
 
 SPLITS = ("train", "val")
+IMAGE_EXTENSION = "jpg"  # what ShardWriter writes: the JPEG of encode_jpeg
+# what a reader takes as a sample's image (shards from other WebDataset tools too)
+IMAGE_EXTENSIONS = (IMAGE_EXTENSION, "jpeg", "png", "webp")
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 
 
@@ -88,7 +96,7 @@ class ShardWriter:
         if not key or "." in key or "/" in key:
             raise ValueError(f"shard keys must be non-empty, without dots or slashes: {key!r}")
         with self._disk_full():
-            self._add(f"{key}.jpg", jpg)
+            self._add(f"{key}.{IMAGE_EXTENSION}", jpg)
             self._add(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
             self._add(f"{key}.txt", caption.encode("utf-8"))
         self.count += 1
@@ -222,12 +230,13 @@ def iter_image_samples(
                     bad(path, last, f"unreadable tar {where} ({exc}); rest of shard skipped")
                     break
                 key = last = sample["__key__"]
-                if "jpg" not in sample:
+                data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                if data is None:
                     if on_bad is not None:
-                        on_bad(path, key, "no image (.jpg)")
+                        on_bad(path, key, f"no image (.{IMAGE_EXTENSION})")
                     continue
                 try:
-                    image = _decoded(sample["jpg"]) if decode else sample["jpg"]
+                    image = _decoded(data) if decode else data
                     caption = sample.get("txt", b"").decode("utf-8")
                     meta = json.loads(sample["json"]) if "json" in sample else {}
                 except Exception as exc:  # PIL, UnicodeDecodeError, JSONDecodeError
@@ -240,6 +249,44 @@ def iter_image_samples(
                     return
         if not repeat or not paths:
             return
+
+
+def iter_shard_meta(tar: str | Path) -> Iterator[tuple[str, dict]]:
+    """``(key, KEY.json)`` of every sample of one shard, in order; only the small JSON
+    members are read (the images are skipped over). A member that is not a JSON object in
+    UTF-8 is skipped."""
+    with tarfile.open(tar, "r") as archive:
+        for member in archive:
+            if not member.isfile() or not member.name.endswith(".json"):
+                continue
+            fh = archive.extractfile(member)
+            if fh is None:
+                continue
+            try:
+                meta = json.loads(fh.read().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            if isinstance(meta, dict):
+                yield member.name[: -len(".json")], meta
+
+
+def read_image(tar: str | Path, key: str, *, decode: bool = True):
+    """The image of ``key`` in one shard: PIL RGB (its bytes with ``decode=False``); None
+    when the shard, the sample or its image is missing or does not read."""
+    try:
+        with tarfile.open(tar, "r") as archive:
+            names = set(archive.getnames())
+            name = next((f"{key}.{e}" for e in IMAGE_EXTENSIONS if f"{key}.{e}" in names), None)
+            member = archive.extractfile(name) if name else None
+            data = member.read() if member else None
+    except (KeyError, OSError, tarfile.TarError):
+        return None
+    if data is None or not decode:
+        return data
+    try:
+        return _decoded(data)
+    except Exception:  # whatever PIL raises for bytes that are no image (as iter_image_samples)
+        return None
 
 
 def _decoded(jpg: bytes):
