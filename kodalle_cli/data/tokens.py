@@ -1,6 +1,6 @@
 """Token shards: captions as text ids and images as VQGAN codes, ready for training.
 
-Layout (DESIGN.md)::
+Layout (also in docs/architecture.md, "Formats on disk")::
 
     shards/tokens/train-000000.tar ...   KEY.ids.npy   int32 [text_seq_len], padded with pad_id
                                          KEY.codes.npy int16 [fmap*fmap] (int32 for codebooks

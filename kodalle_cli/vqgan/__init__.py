@@ -7,7 +7,7 @@
 - :mod:`.model`: the network (``VQGAN``, ``VQGANConfig``), no file formats
 - :mod:`.io`: every file format: ``load_vqgan`` (see there for what ``spec`` may be),
   ``save_vqgan``, ``save_taming_checkpoint``, taming configs, the presets
-- :mod:`.losses`, :mod:`.train`: ``kodalle train-vqgan``
+- :mod:`.losses`, :mod:`.train`: ``kodalle train vqgan``
 """
 
 from kodalle_cli.vqgan.io import PRESETS, load_vqgan, save_taming_checkpoint, save_vqgan
