@@ -220,3 +220,32 @@ def test_train_reranker_command_resumes_its_run(shards, backbone_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["image_size"] == 32
     after = load_reranker(out).state_dict()
     assert not torch.equal(first["image_proj.weight"], after["image_proj.weight"])
+
+
+def test_train_reranker_resume_refuses_changed_settings_listing_them(shards, backbone_dir,
+                                                                      tmp_path, capsys):
+    from kodalle_cli.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "reranker", "--backbone", str(backbone_dir), "--data", str(shards),
+            "--out", str(out), "--image-size", "32", "--embed-dim", "8", "--batch-size", "4",
+            "--eval-every", "0", "--save-every", "1", "--warmup-steps", "1", "--device", "cpu",
+            "--precision", "fp32"]
+    main([*args, "--max-steps", "1"])
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["lr"] == 1e-4 and saved["embed_dim"] == 8
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--max-steps", "2", "--resume", "--lr", "0.001", "--seed", "3"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "holds a run with other settings" in lines[0], err
+    assert "--lr" in lines[0] and "--seed" in lines[0] and "--embed-dim" not in lines[0].split(
+        "Resuming")[0]
+    assert "may change only --max-steps" in lines[0]
+    assert not (out / "checkpoints" / "step-0000002").exists()
+    assert json.loads((out / "train_config.json").read_text()) == saved  # kept as it was
+    # what may change does not stop it
+    main([*args, "--max-steps", "2", "--resume", "--eval-samples", "4"])
+    assert (out / "checkpoints" / "step-0000002").is_dir()

@@ -122,6 +122,39 @@ class RerankerTask(Task):
         return self.last_eval[1]
 
 
+TRAIN_CONFIG = "train_config.json"  # the options of the run, beside its checkpoints
+
+
+def _check_resume(cfg: RerankerTrainConfig) -> None:
+    """Resuming: one error listing every setting that differs from the run's
+    ``train_config.json`` but for :data:`~kodalle_cli.configs.RERANKER_RESUME_MAY_CHANGE`;
+    then (a new run, or an allowed resume) the options are written there."""
+    import dataclasses
+    import json
+
+    from kodalle_cli.atomic import jsonable, write_json_atomic
+    from kodalle_cli.configs import RERANKER_RESUME_MAY_CHANGE
+    from kodalle_cli.errors import KodalleError
+    from kodalle_cli.runs import latest_checkpoint, run_lock
+    from kodalle_cli.train.checkpoint import refuse_changed_settings
+
+    out = Path(cfg.out)
+    saved = out / TRAIN_CONFIG
+    current = jsonable(dataclasses.asdict(cfg))
+    with run_lock(out):  # a run writing there keeps its file
+        # an existing checkpoint is resumed, with or without --resume (the trainer's rule)
+        if latest_checkpoint(out) is not None and saved.is_file():
+            try:
+                before = json.loads(saved.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise KodalleError(
+                    f"cannot read {saved}: damaged ({type(exc).__name__})") from None
+            defaults = {f.name: f.default for f in dataclasses.fields(RerankerTrainConfig)
+                        if f.default is not dataclasses.MISSING}
+            refuse_changed_settings(out, before, current, defaults, RERANKER_RESUME_MAY_CHANGE)
+        write_json_atomic(saved, current)
+
+
 def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
     """Train a reranker on image shards with the shared trainer, then write the reranker
     directory (config.json, text/, model.safetensors) into ``cfg.out``, beside the run's
@@ -136,6 +169,7 @@ def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
     if cfg.max_steps < 1 or cfg.batch_size < 2:
         raise UsageError("--max-steps must be >= 1 and --batch-size >= 2 (contrastive loss)")
     shard_paths(cfg.data, "train")  # one clear error before any model is loaded
+    _check_resume(cfg)
     torch.manual_seed(cfg.seed)
     model = build_reranker(
         get_backbone(cfg.backbone, cfg.backbone_path), image_size=cfg.image_size,
