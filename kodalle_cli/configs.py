@@ -20,6 +20,8 @@ from kodalle_cli.errors import ConfigError, UsageError
 from kodalle_cli.options import opt
 
 DEVICE_HELP = "auto|cpu|cuda"
+CROP_MODES = ("none", "garments")  # prepare --crop
+MIN_FID_IMAGES = 2  # FID's covariance needs two images in each set (1000+ for stable numbers)
 
 
 # options that change what a shard holds (a resumed run must match them)
@@ -57,7 +59,6 @@ class PrepareConfig:
     def validate(self) -> None:
         from kodalle_cli.data.captions import CAPTION_STYLES
         from kodalle_cli.data.images import RESIZE_MODES
-        from kodalle_cli.data.prepare import CROP_MODES
         from kodalle_cli.data.sources import FORMATS
 
         def choice(name, value, allowed):
@@ -364,8 +365,6 @@ class ScoreConfig:
 
     def validate(self) -> None:
         """Every check of the options, before anything is read or loaded."""
-        from kodalle_cli.score import MIN_FID_IMAGES
-
         if (self.checkpoint is None) == (self.images is None):
             raise UsageError("kodalle score needs exactly one of --checkpoint RUN or "
                              "--images DIR")

@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 
 from kodalle_cli.atomic import replacing, write_json_atomic
-from kodalle_cli.configs import ScoreConfig
+from kodalle_cli.configs import MIN_FID_IMAGES, ScoreConfig
 from kodalle_cli.errors import KodalleError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZER = "PIL Lanczos via kodalle_cli.data.images.fit (pad)"
-MIN_FID_IMAGES = 2  # FID's covariance needs two images in each set (1000+ for stable numbers)
 
 
 

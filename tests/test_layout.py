@@ -130,3 +130,76 @@ def test_image_shards_are_read_only_in_data():
                 found.append(str(path.relative_to(REPO)))
     assert "kodalle_cli/data/shards.py" in found  # the scan sees the reader itself
     assert [f for f in found if not f.startswith("kodalle_cli/data/")] == []
+
+
+# ---- no import circles -----------------------------------------------------------------------
+def _import_graph() -> dict[str, set[str]]:
+    """kodalle_cli module -> the kodalle_cli modules it imports anywhere (top level, inside
+    functions, under TYPE_CHECKING: a lazy import hides a circle, it does not remove it)."""
+    import ast
+
+    modules = {}
+    for path in (REPO / "kodalle_cli").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+
+    def known(name: str) -> str:
+        while name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {known(a.name) for a in node.names if a.name.startswith("kodalle_cli")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "kodalle_cli") and node.level == 0:
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    deps.add(full if full in modules else known(node.module))
+        graph[name] = deps - {name}
+    return graph
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circles():
+    graph = _import_graph()
+    assert "kodalle_cli.train.task" in graph["kodalle_cli.train.checkpoint"]
+    assert "kodalle_cli.configs" in graph["kodalle_cli.score"]
+    assert _circles(graph) == []
+    # the search finds a circle when there is one
+    [circle] = _circles({**graph, "kodalle_cli.configs": graph["kodalle_cli.configs"]
+                         | {"kodalle_cli.score"}})
+    assert {"kodalle_cli.configs", "kodalle_cli.score"} <= set(circle)

@@ -38,7 +38,6 @@ from kodalle_cli.data.shards import (
 from kodalle_cli.data.sources import Candidate, Skip, scan
 from kodalle_cli.errors import KodalleError, UsageError
 
-CROP_MODES = ("none", "garments")
 PARALLEL_SCAN_MIN = 2000  # labels read by the worker processes from this many on
 class SampleError(Exception):
     """One sample cannot be used; ``reason`` goes to the manifest."""

@@ -38,7 +38,6 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,9 +55,7 @@ from kodalle_cli.atomic import (
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.runs import CKPT_DIR, LATEST, checkpoint_name, latest_checkpoint
 from kodalle_cli.train.dist import DDPStrategy, Dist
-
-if TYPE_CHECKING:
-    from kodalle_cli.train.trainer import Task
+from kodalle_cli.train.task import Task
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
