@@ -19,7 +19,8 @@ import torch
 
 from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.errors import KodalleError
-from kodalle_cli.runs import latest_checkpoint, run_lock
+from kodalle_cli.runlock import run_lock
+from kodalle_cli.runs import latest_checkpoint
 from kodalle_cli.train.metrics import read_metrics
 from kodalle_cli.train.trainer import Task, TrainerConfig, TrainingInterrupted, train
 

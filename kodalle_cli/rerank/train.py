@@ -135,7 +135,8 @@ def _check_resume(cfg: RerankerTrainConfig) -> None:
     from kodalle_cli.atomic import jsonable, write_json_atomic
     from kodalle_cli.configs import RERANKER_RESUME_MAY_CHANGE
     from kodalle_cli.errors import KodalleError
-    from kodalle_cli.runs import latest_checkpoint, run_lock
+    from kodalle_cli.runlock import run_lock
+    from kodalle_cli.runs import latest_checkpoint
     from kodalle_cli.train.checkpoint import refuse_changed_settings
 
     out = Path(cfg.out)

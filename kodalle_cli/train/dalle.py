@@ -21,6 +21,7 @@ from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.data import tokens as token_shards
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
+from kodalle_cli.runlock import run_lock
 from kodalle_cli.text import check_raw_tokenizer
 from kodalle_cli.train.dist import STRATEGIES, setup_distributed
 from kodalle_cli.train.trainer import Task, TrainerConfig, TrainResult, train
@@ -181,7 +182,7 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
     :data:`kodalle_cli.configs.TRAIN_RESUME_MAY_CHANGE`."""
     dist, device = setup_distributed(cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
-    with runs.run_lock(out, dist.main):  # one run per directory, before anything is written
+    with run_lock(out, dist.main):  # one run per directory, before anything is written
         return _run_train(cfg, dist, device, out)
 
 

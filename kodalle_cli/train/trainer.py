@@ -31,7 +31,8 @@ from kodalle_cli.atomic import disk_full_error, is_disk_full
 from kodalle_cli.device import autocast, pick_device, pick_dtype
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.progress import progress_bar
-from kodalle_cli.runs import CKPT_DIR, METRICS, SAMPLES_DIR, latest_checkpoint, run_lock
+from kodalle_cli.runlock import run_lock
+from kodalle_cli.runs import CKPT_DIR, METRICS, SAMPLES_DIR, latest_checkpoint
 from kodalle_cli.train.checkpoint import (
     kill_hook,
     load_optimizer,

@@ -36,7 +36,8 @@ import torch
 
 from kodalle_cli.atomic import jsonable, replacing, write_json_atomic
 from kodalle_cli.errors import KodalleError, UsageError
-from kodalle_cli.runs import latest_checkpoint, run_lock
+from kodalle_cli.runlock import run_lock
+from kodalle_cli.runs import latest_checkpoint
 from kodalle_cli.train.trainer import Task, TrainerConfig, train
 from kodalle_cli.vqgan.io import save_taming_checkpoint, save_vqgan
 from kodalle_cli.vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
