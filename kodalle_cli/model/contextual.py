@@ -83,9 +83,8 @@ class ContextualText:
 
 def load_contextual(directory, pad_id: int, layer: int = -1) -> ContextualText:
     """The language model saved in a run's ``text_encoder/`` (or any transformers directory)."""
-    from transformers import AutoModel
-
+    from kodalle_cli.backbone import load_language_model
     from kodalle_cli.progress import quiet_libraries
 
     quiet_libraries()
-    return ContextualText(AutoModel.from_pretrained(str(directory)), pad_id, layer)
+    return ContextualText(load_language_model(str(directory)), pad_id, layer)

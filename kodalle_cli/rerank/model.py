@@ -257,8 +257,9 @@ def is_reranker_dir(path: str | Path) -> bool:
 
 def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> Reranker:
     """Load a reranker directory (written by ``kodalle train reranker``), in eval mode."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from kodalle_cli.backbone import load_language_model
     from kodalle_cli.weights import load_strict, read_safetensors
 
     path = Path(path).expanduser()
@@ -275,7 +276,7 @@ def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> Reran
         raise KodalleError(f"{path / CONFIG_NAME} is not a kodalle reranker config")
     try:
         config = RerankerConfig.from_dict(data)
-        text_model, info = AutoModel.from_pretrained(path / TEXT_DIR, output_loading_info=True)
+        text_model, info = load_language_model(str(path / TEXT_DIR), output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path / TEXT_DIR)
         model = Reranker(config, text_model, build_image_tower(None), tokenizer)
     except Exception as exc:  # noqa: BLE001 - damaged text/ files: OSError, JSON, Rust errors
