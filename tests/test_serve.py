@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tiny_model_and_vqgan
+from starlette.testclient import TestClient
 
-pytest.importorskip("starlette")
-pytest.importorskip("httpx")  # Starlette's TestClient
-
-from starlette.testclient import TestClient  # noqa: E402
-
-from kodalle_cli.serve import MAX_IMAGES, Generator, create_app  # noqa: E402
+from kodalle_cli.serve.app import create_app
+from kodalle_cli.serve.checks import MAX_IMAGES
+from kodalle_cli.serve.jobs import JobQueue
 
 CAPTION = "상의에서 색상은 레드이다."
 # what kodalle_cli.attributes records for a run trained on K-Fashion shards
@@ -45,11 +43,11 @@ def tiny_run(tiny_klue, one_thread):
 
 @pytest.fixture
 def server(tiny_run, tmp_path):
-    """(TestClient, Generator, output folder) on the tiny run; the worker stops after."""
-    generator = Generator(tiny_run, tmp_path / "out", batch_size=1, device="cpu")
-    with TestClient(create_app(generator), base_url="http://127.0.0.1") as client:
-        yield client, generator, tmp_path / "out"
-    generator.stop()
+    """(TestClient, JobQueue, output folder) on the tiny run; the worker stops after."""
+    queue = JobQueue(tiny_run, tmp_path / "out", batch_size=1, device="cpu")
+    with TestClient(create_app(queue), base_url="http://127.0.0.1") as client:
+        yield client, queue, tmp_path / "out"
+    queue.stop()
 
 
 def wait_for(client, job_id, states=("done", "error", "cancelled"), timeout=60):
@@ -203,11 +201,11 @@ def test_one_job_runs_at_a_time_and_the_others_see_their_place(server, gated):
 
 
 def test_a_full_queue_is_a_429(server, gated, monkeypatch):
-    import kodalle_cli.serve as serve
+    import kodalle_cli.serve.jobs as jobs
 
     gate, _ = gated
     client, _, _ = server
-    monkeypatch.setattr(serve, "MAX_WAITING", 2)
+    monkeypatch.setattr(jobs, "MAX_WAITING", 2)
     first = client.post("/api/jobs", json={"caption": CAPTION, "n": 1}).json()["id"]
     while client.get(f"/api/jobs/{first}").json()["state"] != "running":
         time.sleep(0.05)
@@ -266,12 +264,12 @@ def test_a_running_job_can_be_cancelled(server, gated):
     None,
 ])
 def test_bad_requests_get_a_4xx_and_a_message(server, body):
-    client, generator, out = server
+    client, queue, out = server
     response = client.post("/api/jobs", content=json.dumps(body),
                            headers={"Content-Type": "application/json"})
     assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
     assert response.json()["error"]
-    assert not generator.jobs and not out.exists()
+    assert not queue.jobs and not out.exists()
 
 
 @pytest.mark.parametrize("raw, kind, status", [
@@ -322,8 +320,8 @@ def test_files_are_named_by_job_id_and_number_only(server):
 
 
 def test_only_loopback_host_names_are_answered(tiny_run, tmp_path):
-    generator = Generator(tiny_run, tmp_path / "out", device="cpu")
-    app = create_app(generator, loopback_only=True)
+    queue = JobQueue(tiny_run, tmp_path / "out", device="cpu")
+    app = create_app(queue, loopback_only=True)
     try:
         for base, status in (("http://127.0.0.1:8000", 200), ("http://localhost", 200),
                              ("http://[::1]:8000", 200), ("http://evil.example", 421),
@@ -331,7 +329,7 @@ def test_only_loopback_host_names_are_answered(tiny_run, tmp_path):
             with TestClient(app, base_url=base) as client:
                 assert client.get("/api/info").status_code == status, base
     finally:
-        generator.stop()
+        queue.stop()
 
 
 # ---- attributes ------------------------------------------------------------------------------
@@ -344,14 +342,13 @@ def test_without_attributes_the_page_has_only_the_caption_box(server):
 
 
 def test_attribute_picker_builds_the_runs_caption(tiny_run, tmp_path):
-    pytest.importorskip("kodalle_cli.attributes")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(
         {"kind": "dalle", "model": {}, "captions": RECORD}, ensure_ascii=False),
         encoding="utf-8")
-    generator = Generator(tiny_run, tmp_path / "out", run_dir=run_dir, device="cpu")
-    with TestClient(create_app(generator), base_url="http://127.0.0.1") as client:
+    queue = JobQueue(tiny_run, tmp_path / "out", run_dir=run_dir, device="cpu")
+    with TestClient(create_app(queue), base_url="http://127.0.0.1") as client:
         rows = client.get("/api/attributes").json()["attributes"]
         assert [r["key"] for r in rows] == ["상의.색상", "상의.카테고리"]
         assert rows[0]["values"] == [{"value": "레드", "count": 6},
@@ -364,12 +361,11 @@ def test_attribute_picker_builds_the_runs_caption(tiny_run, tmp_path):
         for bad in ({"attributes": {}}, {"attributes": ["상의.색상=레드"]}, {"x": 1},
                     {"attributes": {"상의.색상": 3}}):
             assert client.post("/api/caption", json=bad).status_code == 400
-    generator.stop()
+    queue.stop()
 
 
 # ---- the reranker ----------------------------------------------------------------------------
 def test_with_a_reranker_images_come_back_ranked(tiny_run, tiny_klue, tmp_path):
-    pytest.importorskip("kodalle_cli.rerank.rank")
     import torch
 
     from kodalle_cli.backbone import get_backbone
@@ -378,9 +374,9 @@ def test_with_a_reranker_images_come_back_ranked(tiny_run, tiny_klue, tmp_path):
     torch.manual_seed(0)
     reranker = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=16,
                               text_seq_len=16).eval()
-    generator = Generator(tiny_run, tmp_path / "out", reranker=reranker, device="cpu",
+    queue = JobQueue(tiny_run, tmp_path / "out", reranker=reranker, device="cpu",
                           batch_size=4)
-    with TestClient(create_app(generator), base_url="http://127.0.0.1") as client:
+    with TestClient(create_app(queue), base_url="http://127.0.0.1") as client:
         assert client.get("/api/info").json()["reranker"] is True
         job = wait_for(client, client.post("/api/jobs", json={
             "caption": CAPTION, "n": 4, "keep": 2, "seed": 3}).json()["id"])
@@ -393,7 +389,7 @@ def test_with_a_reranker_images_come_back_ranked(tiny_run, tiny_klue, tmp_path):
         assert client.get(f"/api/jobs/{job['id']}/images/{dropped}.png").status_code == 404
         assert client.post("/api/jobs", json={"caption": CAPTION, "n": 2, "keep": 3}
                            ).status_code == 400
-    generator.stop()
+    queue.stop()
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -461,7 +457,7 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
         pytest.skip("no chromium installed (apt-get install chromium): no browser test")
     import uvicorn
 
-    from kodalle_cli.serve import listen
+    from kodalle_cli.serve.server import listen
 
     run_dir = None
     try:
@@ -474,11 +470,11 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
             encoding="utf-8")
     except ImportError:
         pass
-    generator = Generator(tiny_run, tmp_path / "out", run_dir=run_dir, batch_size=2,
+    queue = JobQueue(tiny_run, tmp_path / "out", run_dir=run_dir, batch_size=2,
                           device="cpu")
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(generator, loopback_only=True),
+    server = uvicorn.Server(uvicorn.Config(create_app(queue, loopback_only=True),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -531,4 +527,4 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
-        generator.stop()
+        queue.stop()
