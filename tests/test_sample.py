@@ -422,7 +422,6 @@ def test_sample_from_a_dalle_pytorch_pt(tiny_run, tiny_klue, tmp_path):
 
 
 def test_rerank_keeps_the_best_and_records_every_score(tiny_run, tiny_klue, tmp_path):
-    pytest.importorskip("kodalle_cli.rerank.rank")
     from kodalle_cli.backbone import get_backbone
     from kodalle_cli.rerank.model import build_reranker, save_reranker
     from kodalle_cli.sample import sample

@@ -271,7 +271,6 @@ def test_score_reports_near_copies_of_training_images(kfashion_run, tmp_path):
 
 
 def test_score_memorisation_by_reranker_embedding(kfashion_run, tiny_klue, tmp_path):
-    pytest.importorskip("kodalle_cli.rerank.rank")
     from kodalle_cli.backbone import get_backbone
     from kodalle_cli.configs import ScoreConfig
     from kodalle_cli.data.shards import iter_image_samples
