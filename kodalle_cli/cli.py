@@ -393,17 +393,24 @@ def demo(
     experiment: str | None = typer.Option(
         None, help="Run an experiment instead of the demo: unseen-words (captions with "
         "words never seen in training, pretrained vs random text tables)."),
+    language: str = typer.Option(
+        "en", help="unseen-words: en (MiniLM, English captions) or ko (multilingual-e5-small, "
+        "K-Fashion label captions, tested on typed Korean and English)."),
 ) -> None:
     """Run the whole pipeline on built-in synthetic K-Fashion data and write a report.
 
-    Example: kodalle demo --out demo; kodalle demo --experiment unseen-words
+    Example: kodalle demo --out demo; kodalle demo --experiment unseen-words --language ko
     """
     if experiment is not None:
         if experiment != "unseen-words":
             raise UsageError(f"unknown --experiment {experiment!r} (choose unseen-words)")
+        if language not in ("en", "ko"):
+            raise UsageError(f"--language {language}: choose en or ko")
         from kodalle_cli.experiments.unseen_words import UnseenConfig, run_unseen_words
 
-        run_unseen_words(UnseenConfig(out=out or Path("demo-unseen-words"), quick=quick))
+        default = "demo-unseen-words" + ("-ko" if language == "ko" else "")
+        run_unseen_words(UnseenConfig(out=out or Path(default), quick=quick,
+                                      language=language))
         return
     from kodalle_cli.experiments.demo import DemoConfig, run_demo
 

@@ -102,7 +102,7 @@ def test_new_words_share_no_wordpiece_with_the_training_captions():
     every = [uw.fill(t, c, k) for t in uw.TRAIN_TEMPLATES + uw.UNSEEN_TEMPLATES
              for c in colours for k in categories]
     longest = max(len(ids) for ids in tokenizer(every)["input_ids"])
-    assert longest <= uw.UnseenConfig().text_seq_len
+    assert longest <= uw.UnseenConfig().seq_len
 
 
 def test_random_tables_backbone_changes_only_the_two_tables(tmp_path):
@@ -166,11 +166,20 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
     assert summary["experiment"] == "unseen-words"
     assert summary["token_check"]["disjoint"] and summary["token_check"]["overlap"] == []
     assert set(summary["arms"]) == {a.name for a in uw.ARMS}
-    assert {(a["tables"], a["frozen"]) for a in summary["arms"].values()} == {
-        ("minilm", False), ("minilm", True), ("random", False), ("random", True)}
+    assert {(a["tables"], a["frozen"], a["text_encoder"]) for a in summary["arms"].values()} == {
+        ("minilm", False, "tables"), ("minilm", True, "tables"), ("random", False, "tables"),
+        ("random", True, "tables"), ("minilm", True, "contextual")}
     for arm in summary["arms"].values():
         assert set(arm["sets"]) >= {"seen", "unseen", "mixed", "mixed, new colour word",
                                     "mixed, new category word"}
+        unseen = arm["sets"]["unseen"]  # per class: recall, asked, drawn; kappa
+        assert set(unseen["classes"]["colour"]) == {"red", "blue", "black", "yellow", "green",
+                                                    "pink", "(none)"}
+        assert sum(v["asked"] for v in unseen["classes"]["colour"].values()) == unseen[
+            "all"]["colour"]["n"]
+        assert sum(v["drawn"] for v in unseen["classes"]["category"].values()) == unseen[
+            "all"]["category"]["n"]
+        assert -1.0 <= unseen["kappa"]["colour"] <= 1.0
         for subset in arm["sets"].values():
             for kind in ("all", "chance"):
                 for what in ("colour", "category", "both"):
@@ -189,17 +198,21 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
     trained = {s.caption for s in iter_image_samples(out / "shards", split="train", decode=False)}
     assert trained <= set(uw.all_training_captions())
     assert not trained & {c["caption"] for c in summary["captions"]["unseen"]}
+    assert all("kappa_diff" in c and len(c["kappa_ci95"]) == 2 for c in summary["comparisons"])
     for arm in uw.ARMS:  # the same data, steps and seed for every arm
-        config = json.loads((out / "runs" / f"{arm.name}-s0" / "config.json").read_text())
+        config = json.loads((out / "runs" / f"{arm.name}-s0" / "config.json").read_text(
+            encoding="utf-8"))
         assert config["train"]["freeze_text_emb"] is arm.frozen
+        assert config["model"]["text_encoder"] == arm.text_encoder
         assert config["train"]["max_steps"] == uw.QUICK.dalle_steps
         assert config["data"]["tokens"] == str(out / "shards" / "tokens")
         assert (arm.tables == "random") == ("random-tables" in config["backbone"]["source"])
-        judged = json.loads((out / "judged" / f"{arm.name}-s0.json").read_text())
+        judged = json.loads((out / "judged" / f"{arm.name}-s0.json").read_text(encoding="utf-8"))
         assert len(judged) == 3 * 36 * uw.QUICK.captions_per_combo * uw.QUICK.images_per_caption
     report = (out / "report.html").read_text(encoding="utf-8")
-    for heading in ("Verdict", "Caption faithfulness", "Pretrained minus random tables",
-                    "Same unseen-word captions under each arm", "The words", "Token check",
+    for heading in ("Verdict", "Caption faithfulness", "Each arm minus its control",
+                    "Per class: recall and how often each class is drawn",
+                    "Same new-word captions under each arm", "The words", "Token check",
                     "What the image tokenizer allows", "Timings"):
         assert heading in report
     assert report.count("data:image/png;base64,") >= len(uw.ARMS) * 6

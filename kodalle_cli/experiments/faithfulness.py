@@ -120,3 +120,62 @@ def shuffled(judged: Sequence[Judged], seed: int = 0) -> list[Judged]:
 
 def to_dict(shares: dict[str, Share]) -> dict[str, dict]:
     return {k: v.to_dict() for k, v in shares.items()}
+
+
+# ---- per class: what catches a model that draws one default for every word it doesn't know --
+def _pairs(judged: Iterable[Judged], what: str) -> list[tuple[str, str | None]]:
+    return [(getattr(j, f"want_{what}"), getattr(j, what)) for j in judged]
+
+
+def per_class(judged: Iterable[Judged], what: str, classes: Sequence[str]) -> dict[str, dict]:
+    """For each class (``what``: "colour" or "category"): its recall (images that asked for
+    it and show it, a :class:`Share`), how many images asked for it, and how many show it
+    (of every image, whatever it asked for: a default class is drawn far more often than
+    it is asked for)."""
+    pairs = _pairs(judged, what)
+    out = {}
+    for c in classes:
+        asked = [got for want, got in pairs if want == c]
+        out[c] = {"recall": Share(sum(got == c for got in asked), len(asked)),
+                  "asked": len(asked), "drawn": sum(got == c for _, got in pairs)}
+    out["(none)"] = {"recall": Share(0, 0), "asked": 0,
+                     "drawn": sum(got is None for _, got in pairs)}
+    return out
+
+
+def kappa(judged: Iterable[Judged], what: str) -> float:
+    """Cohen's kappa between the class asked for and the class drawn: 1 when every image
+    follows its caption, 0 for what the two marginal distributions agree on by chance (a
+    model that draws one class for everything scores 0 however often that class is asked
+    for), below 0 for worse than that. An unreadable image counts as a class of its own."""
+    pairs = _pairs(judged, what)
+    n = len(pairs)
+    if not n:
+        return float("nan")
+    observed = sum(want == got for want, got in pairs) / n
+    wants, gots = {}, {}
+    for want, got in pairs:
+        wants[want] = wants.get(want, 0) + 1
+        gots[got] = gots.get(got, 0) + 1
+    expected = sum(wants[c] * gots.get(c, 0) for c in wants) / (n * n)
+    return (observed - expected) / (1 - expected) if expected < 1 else float("nan")
+
+
+def kappa_difference(a: Sequence[Sequence[Judged]], b: Sequence[Sequence[Judged]], what: str,
+                     seed: int = 0, reps: int = 2000) -> dict:
+    """kappa(a) - kappa(b) with a 95% percentile bootstrap interval. ``a`` and ``b`` are the
+    images of the same captions, grouped by caption (``a[i]`` and ``b[i]`` answer caption
+    ``i``): captions are resampled, keeping their images together (images of one caption
+    are not independent)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("kappa_difference needs the same captions on both sides")
+    diff = kappa([j for g in a for j in g], what) - kappa([j for g in b for j in g], what)
+    rng = random.Random(seed)
+    n, draws = len(a), []
+    for _ in range(reps):
+        pick = [rng.randrange(n) for _ in range(n)]
+        draws.append(kappa([j for i in pick for j in a[i]], what)
+                     - kappa([j for i in pick for j in b[i]], what))
+    draws = sorted(d for d in draws if d == d)
+    lo, hi = draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1]
+    return {"diff": diff, "ci95": [lo, hi]}

