@@ -79,7 +79,10 @@ class Task:
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def make_optimizer(self, groups: list[dict], cfg: TrainerConfig) -> torch.optim.Optimizer:
-        fused = cfg.device_type == "cuda"
+        # fused AdamW on CUDA and on the CPU: one pass over each tensor (on 2 CPU cores a
+        # step over multilingual-e5-small's 96M-value token table takes 0.05 s instead of
+        # the default foreach kernels' 0.8 s)
+        fused = cfg.device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  betas=tuple(cfg.betas), fused=fused or None)
 
