@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kodalle-installed
 DEMO_OUT ?= demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ lint: install
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+# the inner loop: everything but the end-to-end tests marked slow (CI runs `make test`)
+test-fast: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m "not slow"
 
 # Every script in benchmarks/ but the harness, run as modules (they import the harness).
 # Run it alone on the machine: docs/benchmarks.md.

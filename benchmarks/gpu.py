@@ -9,6 +9,10 @@ What it measures (random weights; the speed does not depend on them):
   ``kodalle train --precision bf16``), eager and ``torch.compile`` arms interleaved. Prints
   samples/s and MFU: model FLOPs per sample (6 x parameters x tokens + the attention term,
   as nanoGPT counts them) x samples/s / the card's peak dense bf16 FLOP/s.
+- Training with ``--text-encoder contextual``: the same DALLE reading its captions through a
+  frozen klue/roberta-large-sized language model (24 layers, 1024 wide, random weights),
+  the caption cache emptied before every step (the cost for all-distinct captions; label
+  captions mostly hit the cache), beside the tables arm.
 - Sampling: 16 images of one caption (cached decoding, top-k 0.9, bf16), against the floor
   set by memory bandwidth: every step reads all weights once, so weight bytes x 256 steps /
   bandwidth is the least time any implementation can take at batch 16.
@@ -22,6 +26,7 @@ import time
 import torch
 
 from benchmarks.harness import Arm, compare, parser
+from kodalle_cli.model.contextual import ContextualText
 from kodalle_cli.model.dalle import DALLE, DALLEConfig
 from kodalle_cli.model.sampling import SamplingSettings, generate_codes, row_uniforms
 
@@ -65,12 +70,26 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
         else torch.float32
     cfg = DALLEConfig(**size)
+    lm_width, lm_layers = (32, 1) if args.quick else (1024, 24)
+
+    def language_model():
+        from transformers import RobertaConfig, RobertaModel
+
+        return RobertaModel(RobertaConfig(
+            vocab_size=size["num_text_tokens"], hidden_size=lm_width,
+            num_hidden_layers=lm_layers, num_attention_heads=max(lm_width // 64, 1),
+            intermediate_size=4 * lm_width, max_position_embeddings=size["text_seq_len"] + 2,
+            pad_token_id=1), add_pooling_layer=False)
+
     torch.manual_seed(0)
     peak_flops, bandwidth = card_limits(gpu)
 
     # ---- training: eager and compiled, interleaved ----------------------------------------
-    def trainer(compiled: bool):
-        model = DALLE(cfg).to(device)
+    def trainer(compiled: bool, contextual: bool = False):
+        model = DALLE(DALLEConfig(**size, text_encoder="contextual", text_dim=lm_width)
+                      if contextual else cfg).to(device)
+        if contextual:
+            model.attach_text_encoder(ContextualText(language_model().to(device), pad_id=1))
         step_model = torch.compile(model) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=3e-5, fused=device.type == "cuda")
         text = torch.randint(0, cfg.num_text_tokens, (args.batch, cfg.text_seq_len), device=device)
@@ -81,6 +100,8 @@ def main() -> None:
             sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
+                if contextual:
+                    model.text_encoder.cache.clear()
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     loss, _ = step_model.loss(text, codes)
                 loss.backward()
@@ -99,6 +120,8 @@ def main() -> None:
         name = "train compiled" if compiled else "train eager"
         models[name] = model
         arms.append(Arm(name, run, per=args.batch))
+    _, run = trainer(False, contextual=True)
+    arms.append(Arm("train eager, contextual (no cache)", run, per=args.batch))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = compare(f"training step, {dtype} autocast, batch {args.batch}; GPU: {gpu}", arms,

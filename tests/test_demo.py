@@ -27,7 +27,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "--backbone klue-roberta-large" in result.stdout  # says what a real run uses
+    assert "--backbone multilingual-e5-small" in result.stdout  # says what a full run uses
     report = (out / "report.html").read_text(encoding="utf-8")
     assert report.count("data:image/png;base64,") >= 10  # grids, reconstructions, curves
     for heading in ("Caption faithfulness", "Per pair: seen", "Per pair: held-out",
