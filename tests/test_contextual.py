@@ -133,3 +133,35 @@ def test_a_backbone_plugin_may_refuse_contextual(tiny_dalle_data, tmp_path):
     with pytest.raises(UsageError, match="kakaobrain-kogpt cannot run as one .*12 GiB"):
         train("kakaobrain-kogpt", tokens, tmp_path / "kogpt", text_encoder="contextual",
               max_steps=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_contextual_under_two_gloo_ranks_trains_like_one_process(tiny_klue, tmp_path, strategy):
+    """Each rank holds its own frozen language model (replicated, not sharded): 2 ranks x
+    batch 4 give one process's batch-8 losses."""
+    from conftest import torchrun, write_tiny_tokens
+
+    from kodalle_cli.cli import main
+    from kodalle_cli.train.metrics import read_metrics
+
+    tokens = write_tiny_tokens(tmp_path / "tokens", tiny_klue, train=48, val=0, shard_size=100)
+    args = ["train", "--backbone", str(tiny_klue), "--data", str(tokens), "--text-encoder",
+            "contextual", "--strategy", strategy, "--dim", "32", "--depth", "2", "--heads", "2",
+            "--dim-head", "16", "--device", "cpu", "--workers", "0", "--no-progress", "--lr",
+            "1e-3", "--warmup-steps", "1", "--schedule", "constant", "--eval-every", "0",
+            "--log-every", "1", "--max-steps", "3", "--save-every", "3", "--sample-every", "0",
+            "--cond-drop", "0"]
+    main([*args, "--out", str(tmp_path / "one"), "--batch-size", "8"])
+    proc = torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "4"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+    def losses(run):
+        return [r["value"] for r in read_metrics(run / "metrics.csv")
+                if r["split"] == "train" and r["metric"] == "loss"]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 1e-5, (one, two)
+    assert (tmp_path / "two" / runs.TEXT_ENCODER_DIR / "config.json").is_file()

@@ -203,3 +203,16 @@ def test_no_import_circles():
     [circle] = _circles({**graph, "kodalle_cli.configs": graph["kodalle_cli.configs"]
                          | {"kodalle_cli.score"}})
     assert {"kodalle_cli.configs", "kodalle_cli.score"} <= set(circle)
+
+
+def test_only_the_cli_and_the_experiments_import_the_experiments():
+    """The experiments (demo, unseen words) use the library like a user; the library never
+    imports them (the CLI's `demo` command does), and they share what they share through
+    experiments/common.py, not through each other's private names."""
+    graph = _import_graph()
+    experiments = {m for m in graph if m.startswith("kodalle_cli.experiments")}
+    importers = {m for m, deps in graph.items() if deps & experiments} - experiments
+    assert importers == {"kodalle_cli.cli"}
+    assert "kodalle_cli.experiments.common" in graph["kodalle_cli.experiments.unseen_words"]
+    assert "kodalle_cli.experiments.demo" not in graph["kodalle_cli.experiments.unseen_words"]
+    assert "kodalle_cli.experiments.demo" not in graph["kodalle_cli.experiments.unseen_words_ko"]

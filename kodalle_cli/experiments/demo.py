@@ -30,31 +30,33 @@ import html
 import io
 import json
 import shutil
-import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from kodalle_cli.atomic import write_json_atomic, write_text_atomic
-from kodalle_cli.data import kfashion, synthetic
-from kodalle_cli.data.captions import caption_attribute, caption_from_label
+from kodalle_cli.data import synthetic
+from kodalle_cli.data.captions import caption_from_label
 from kodalle_cli.experiments import faithfulness as fa
+from kodalle_cli.experiments.common import (
+    CATEGORIES,
+    COLOURS,
+    HOLDOUT,
+    PALETTE,
+    Stages,
+    caption_category,
+    caption_colour,
+    console,
+    file_png,
+    png,
+    timings_html,
+    vqgan_check,
+)
 from kodalle_cli.train.metrics import read_metrics
 
-console = Console()
-
-# Colours x categories the demo draws; HOLDOUT pairs never appear in training, while each
-# of their colours and categories does (with other partners).
-COLOURS = ("레드", "블루", "블랙", "옐로우", "그린", "핑크")
-CATEGORIES = ("티셔츠", "블라우스", "스커트", "팬츠", "코트", "드레스")
-HOLDOUT = (("레드", "스커트"), ("블루", "코트"), ("그린", "티셔츠"), ("옐로우", "드레스"),
-           ("핑크", "팬츠"), ("블랙", "블라우스"))
-PALETTE = {c: synthetic.COLOURS[c] for c in COLOURS}  # the true colours: nothing is fitted
 E5 = "multilingual-e5-small"  # the full demo's backbone (backbones/e5.py)
 
 
@@ -106,14 +108,6 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
     faithfulness: dict[str, dict] = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
-
-
-def caption_colour(caption: str) -> str | None:
-    return caption_attribute(caption, kfashion.COLOUR)
-
-
-def caption_category(caption: str) -> str | None:
-    return caption_attribute(caption, kfashion.CATEGORY)
 
 
 def holdout_captions(root: Path, seed: int, per_combo: int = 2) -> list[str]:
@@ -178,32 +172,6 @@ def perplexity_best(results, judged: list[list[fa.Judged]], keep: int) -> dict:
     return fa.summarise(chosen)
 
 
-def caption_target(caption: str) -> tuple[str | None, str | None]:
-    """The (colour, category) a Korean demo caption asks for."""
-    return caption_colour(caption), caption_category(caption)
-
-
-def vqgan_check(vqgan_dir: Path, shards: Path, size: int, seed: int,
-                target=caption_target) -> dict[str, dict]:
-    """Every validation image (never trained on) as it is (the checkers' own ceiling) and as
-    the VQGAN reconstructs it (the most a DALLE on its codes can show), read back.
-    ``target``: caption -> the (colour, category) it asks for."""
-    from kodalle_cli.data.images import to_tensor
-    from kodalle_cli.data.shards import iter_image_samples
-    from kodalle_cli.vqgan import load_vqgan
-
-    samples = list(iter_image_samples(shards, split="val"))
-    vqgan = load_vqgan(vqgan_dir)
-    images = to_tensor([s.image for s in samples], size=size)
-    recon = vqgan.decode(vqgan.encode(images, batch_size=64), batch_size=64)
-    wants = [target(s.caption) for s in samples]
-    out = {}
-    for name, pixels in (("validation images", images), ("VQGAN reconstructions", recon)):
-        judged = [fa.judge(p, c, k, PALETTE) for p, (c, k) in zip(pixels, wants, strict=True)]
-        out[name] = {"all": fa.summarise(judged), "chance": fa.summarise(fa.shuffled(judged, seed))}
-    return out
-
-
 def pair_table(results, judged: list[list[fa.Judged]]) -> list[tuple[str, str, dict]]:
     """One row per colour/category pair: (colour, category, shares right)."""
     rows: dict[tuple, list[fa.Judged]] = defaultdict(list)
@@ -216,22 +184,6 @@ def worst_captions(results, judged, count: int = 4) -> list[tuple]:
     """The captions whose images are most often wrong (both colour and category)."""
     scored = [(fa.summarise(per)["both"].value, i) for i, per in enumerate(judged)]
     return [(share, results[i], judged[i]) for share, i in sorted(scored)[:count]]
-
-
-# ---- the run ---------------------------------------------------------------------------------
-class Stages:
-    """Times each stage and shows it as a rule in the terminal."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        console.rule(f"[bold]{name}")
-        start = time.perf_counter()
-        yield
-        self.timings[name] = time.perf_counter() - start
-        console.print(f"[green]done[/green] {name} in {self.timings[name]:.1f} s")
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -407,24 +359,6 @@ def _flat_scores(scores: dict) -> dict[str, str]:
     return flat
 
 
-def _png(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _file_png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def timings_html(timings: dict[str, float]) -> str:
-    """The report's "Timings" section: seconds per stage and their total."""
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{seconds:.0f} s</td></tr>"
-                   for name, seconds in timings.items())
-    return (f"<h2>Timings</h2><table>{rows}<tr><td><b>total</b></td>"
-            f"<td>{sum(timings.values()):.0f} s</td></tr></table>")
-
-
 def loss_curves(run_dirs: dict[str, Path]) -> str | None:
     """One PNG (data URI) with the training losses of every run that has a metrics.csv."""
     import matplotlib
@@ -486,7 +420,7 @@ def memorisation_section(memo: dict | None) -> list[str]:
     picture = memo.get("picture")
     if picture and Path(picture).is_file():
         parts.append("<p>The closest pairs: generated above, its nearest training image "
-                     f"below, the distance under each.</p><img src='{_file_png(Path(picture))}'"
+                     f"below, the distance under each.</p><img src='{file_png(Path(picture))}'"
                      " style='max-width:100%'>")
     return parts
 
@@ -549,7 +483,7 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
             parts.append(f"<div class='cap'>[{esc(name)}] {esc(res.caption)} — both right "
                          f"{share:.0%}</div>")
             parts.append("".join(
-                f"<figure style='display:inline-block;margin:2px'><img src='{_png(im)}' "
+                f"<figure style='display:inline-block;margin:2px'><img src='{png(im)}' "
                 f"width='96'><figcaption>{esc(str(j.colour))} {esc(str(j.category))}"
                 "</figcaption></figure>" for im, j in zip(res.images, reads, strict=True)))
     parts.append("<h2>Scores</h2><table>")
@@ -563,12 +497,12 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
     recon = run_dirs["vqgan"] / "reconstructions.png"
     if recon.is_file():
         parts.append("<h2>VQGAN reconstructions</h2><p>top: validation input, bottom: decoded "
-                     f"codes</p><img src='{_file_png(recon)}' width='768'>")
+                     f"codes</p><img src='{file_png(recon)}' width='768'>")
     for name, caption_results in results.items():
         parts.append(f"<h2>Generated: {name} combinations</h2><p>best first (reranked)</p>")
         for res in caption_results:
             parts.append(f"<div class='cap'>{esc(res.caption)}</div>")
-            parts.append("".join(f"<img src='{_png(im)}' width='96'> " for im in res.images))
+            parts.append("".join(f"<img src='{png(im)}' width='96'> " for im in res.images))
     parts.append(timings_html(result.timings) + "</html>")
     write_text_atomic(result.report, "\n".join(parts))
     faith = {name: {kind: fa.to_dict(shares) for kind, shares in f.items()}

@@ -50,7 +50,7 @@ from kodalle_cli.atomic import replacing, write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.experiments import faithfulness as fa
-from kodalle_cli.experiments.demo import PALETTE, Stages, _png, timings_html, vqgan_check
+from kodalle_cli.experiments.common import PALETTE, Stages, png, timings_html, vqgan_check
 
 console = Console()
 
@@ -1009,7 +1009,7 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
                 continue
             _, images, reads = entry
             cells.append("<td>" + "".join(
-                f"<figure style='display:inline-block;margin:1px'><img src='{_png(im)}' "
+                f"<figure style='display:inline-block;margin:1px'><img src='{png(im)}' "
                 f"width='64'><figcaption class='small'>{esc(english_colour(j.colour))} "
                 f"{esc(english_category(j.category))}</figcaption></figure>"
                 for im, j in zip(images, reads, strict=True)) + "</td>")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from kodalle_cli.data import synthetic
 from kodalle_cli.data.captions import caption_from_label
-from kodalle_cli.experiments.demo import caption_target
+from kodalle_cli.experiments.common import caption_target
 from kodalle_cli.experiments.unseen_words import (
     TRAIN_CATEGORY_WORDS,
     TRAIN_COLOUR_WORDS,
