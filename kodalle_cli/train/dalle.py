@@ -182,8 +182,11 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
     :data:`kodalle_cli.configs.TRAIN_RESUME_MAY_CHANGE`."""
     dist, device = setup_distributed(cfg.device)
     out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
-    with run_lock(out, dist.main):  # one run per directory, before anything is written
-        return _run_train(cfg, dist, device, out)
+    try:
+        with run_lock(out, dist.main):  # one run per directory, before anything is written
+            return _run_train(cfg, dist, device, out)
+    finally:
+        dist.close()
 
 
 def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:

@@ -34,6 +34,12 @@ class Dist:
         if self.enabled:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Destroy the process group before the interpreter exits: left to teardown, gloo's
+        threads can abort a finished rank ("terminate called without an active exception")."""
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def gather(self, obj) -> list:
         """Every rank's ``obj`` (picklable), in rank order."""
         if not self.enabled:
