@@ -139,3 +139,25 @@ def torchrun(args, env_extra=None, timeout: int = 400):
          "-m", "kodalle_cli", *args],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def train_losses(run):
+    """The training losses a run's metrics.csv holds, step by step."""
+    from kodalle_cli.train.metrics import read_metrics
+
+    return [r["value"] for r in read_metrics(run / "metrics.csv")
+            if r["split"] == "train" and r["metric"] == "loss"]
+
+
+def assert_two_ranks_train_like_one(args, tmp_path, steps: int):
+    """``kodalle ARGS`` in one process at batch 8 and as two gloo ranks at batch 4: the same
+    losses (within 1e-5) for every one of ``steps`` steps."""
+    from kodalle_cli.cli import main
+
+    main([*args, "--out", str(tmp_path / "one"), "--batch-size", "8"])
+    proc = torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "4"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(one) == len(two) == steps
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 1e-5, (one, two)

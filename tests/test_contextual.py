@@ -140,10 +140,7 @@ def test_a_backbone_plugin_may_refuse_contextual(tiny_dalle_data, tmp_path):
 def test_contextual_under_two_gloo_ranks_trains_like_one_process(tiny_klue, tmp_path, strategy):
     """Each rank holds its own frozen language model (replicated, not sharded): 2 ranks x
     batch 4 give one process's batch-8 losses."""
-    from conftest import torchrun, write_tiny_tokens
-
-    from kodalle_cli.cli import main
-    from kodalle_cli.train.metrics import read_metrics
+    from conftest import assert_two_ranks_train_like_one, write_tiny_tokens
 
     tokens = write_tiny_tokens(tmp_path / "tokens", tiny_klue, train=48, val=0, shard_size=100)
     args = ["train", "--backbone", str(tiny_klue), "--data", str(tokens), "--text-encoder",
@@ -152,16 +149,5 @@ def test_contextual_under_two_gloo_ranks_trains_like_one_process(tiny_klue, tmp_
             "1e-3", "--warmup-steps", "1", "--schedule", "constant", "--eval-every", "0",
             "--log-every", "1", "--max-steps", "3", "--save-every", "3", "--sample-every", "0",
             "--cond-drop", "0"]
-    main([*args, "--out", str(tmp_path / "one"), "--batch-size", "8"])
-    proc = torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "4"])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-
-    def losses(run):
-        return [r["value"] for r in read_metrics(run / "metrics.csv")
-                if r["split"] == "train" and r["metric"] == "loss"]
-
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 3
-    for a, b in zip(one, two, strict=True):
-        assert abs(a - b) < 1e-5, (one, two)
+    assert_two_ranks_train_like_one(args, tmp_path, steps=3)
     assert (tmp_path / "two" / runs.TEXT_ENCODER_DIR / "config.json").is_file()

@@ -500,23 +500,9 @@ def test_train_refuses_sparse_attention_naming_the_flag(tiny_dalle_data, tmp_pat
 @pytest.mark.slow
 def test_every_option_under_two_gloo_ranks_matches_one_process(tiny_klue, tmp_path):
 
-    from conftest import torchrun, write_tiny_tokens
-
-    from kodalle_cli.cli import main
-    from kodalle_cli.train.metrics import read_metrics
+    from conftest import assert_two_ranks_train_like_one, write_tiny_tokens
 
     tokens = write_tiny_tokens(tmp_path / "tokens", tiny_klue, train=48, val=0, shard_size=100)
     args = ["train", "--backbone", str(tiny_klue), "--data", str(tokens), *TINY_TRAIN,
             *OPTIONS, "--max-steps", "3", "--save-every", "3", "--sample-every", "0"]
-    main([*args, "--out", str(tmp_path / "one"), "--batch-size", "8"])
-    proc = torchrun([*args, "--out", str(tmp_path / "two"), "--batch-size", "4"])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-
-    def losses(run):
-        return [r["value"] for r in read_metrics(run / "metrics.csv")
-                if r["split"] == "train" and r["metric"] == "loss"]
-
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one) == len(two) == 3
-    for a, b in zip(one, two, strict=True):
-        assert abs(a - b) < 1e-5, (one, two)
+    assert_two_ranks_train_like_one(args, tmp_path, steps=3)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import torchrun, write_tiny_tokens
+from conftest import torchrun, train_losses, write_tiny_tokens
 
 from kodalle_cli.cli import main
 from kodalle_cli.train.metrics import read_metrics
@@ -12,11 +12,6 @@ COMMON = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16", "--
           "--workers", "0", "--no-progress", "--lr", "1e-3", "--warmup-steps", "2",
           "--max-steps", "4", "--save-every", "4", "--eval-every", "0", "--sample-every", "0",
           "--log-every", "1"]
-
-
-def train_losses(run):
-    return [r["value"] for r in read_metrics(run / "metrics.csv")
-            if r["split"] == "train" and r["metric"] == "loss"]
 
 
 @pytest.mark.slow
