@@ -35,14 +35,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from kodalle_cli.data.kfashion import (
-    DATASET_INFO,
-    DETAIL,
-    LABELING,
     LIST_ATTRIBUTES,
     PARTS,
     STYLE,
     part_attributes,
     style_attributes,
+    wrap_labeling,
 )
 from kodalle_cli.data.shards import iter_shard_meta
 from kodalle_cli.errors import KodalleError, UsageError
@@ -53,11 +51,6 @@ KFASHION = "kfashion"
 
 
 # ---- what the training captions hold ---------------------------------------------------------
-def _wrap(block: Mapping) -> dict:
-    """A ``라벨링`` block as the label that holds it (what kfashion's readers take)."""
-    return {DATASET_INFO: {DETAIL: {LABELING: block}}}
-
-
 def _items(name: str, value: str) -> list[str]:
     """A value's items: list-valued attributes hold several, joined with ", "."""
     if name in LIST_ATTRIBUTES:
@@ -107,7 +100,7 @@ def scan_labels(labels: Iterable[Mapping], include_style: bool = False) -> dict:
     part_samples: Counter = Counter()
     samples = 0
     for block in labels:
-        label = _wrap(block)
+        label = wrap_labeling(block)
         try:
             parts = part_attributes(label)
             style = style_attributes(label) if include_style else []
@@ -287,7 +280,7 @@ def attribute_caption(record: Mapping, attrs: Sequence[str]) -> str:
             block[part] = [{name: ", ".join(chosen[part][name])
                             for name in info["attributes"] if name in chosen[part]}]
     include_style = bool(record.get("include_style")) and STYLE in block
-    return caption_from_label(_wrap(block), record.get("style") or "per-part", include_style)
+    return caption_from_label(wrap_labeling(block), record.get("style") or "per-part", include_style)
 
 
 def attribute_rows(record: Mapping) -> list[tuple[str, str, str]]:

@@ -20,15 +20,19 @@ from rich.table import Table
 from kodalle_cli import __version__
 from kodalle_cli.cli_options import options_from
 from kodalle_cli.configs import (
+    SHARDS_WHERE,
     DalleTrainConfig,
+    PlanConfig,
     PrepareConfig,
     RerankerTrainConfig,
     SampleConfig,
     ScoreConfig,
     ServeConfig,
     TokenizeConfig,
+    VQGANTrainConfig,
 )
 from kodalle_cli.errors import ConfigError, KodalleError, UsageError
+from kodalle_cli.plan import PLAN_HELP
 from kodalle_cli.progress import quiet_libraries
 
 try:  # typer >= 0.20 ships its own copy of click
@@ -95,7 +99,9 @@ def prepare(
 @app.command()
 @options_from(TokenizeConfig)
 def tokenize(
-    shards: Path = typer.Argument(Path("shards"), help="Image shards from `kodalle prepare`."),
+    shards: str = typer.Argument(
+        "shards", help=f"Image shards from `kodalle prepare`: {SHARDS_WHERE}. The token "
+        "shards are written to a local folder only (--out)."),
     **options,
 ) -> None:
     """Encode captions with the backbone's tokenizer and images with a VQGAN into token shards.
@@ -111,7 +117,9 @@ def tokenize(
         f"tokenized {counts} samples into {summary.out} "
         f"({summary.shards_written} shards written, {summary.shards_skipped} already done, "
         f"{summary.images_per_second:.1f} images/s); "
-        f"{summary.truncated} captions truncated to {cfg.text_seq_len} tokens",
+        f"{summary.truncated} captions truncated to {cfg.text_seq_len} tokens"
+        + (f"; {len(summary.lost)} remote shards not read whole (their streams broke, see "
+           "the warnings): run the same command again to fetch them" if summary.lost else ""),
         soft_wrap=True,
     )
 
@@ -138,74 +146,32 @@ def train(
         return
     if backbone is None:
         raise UsageError("kodalle train needs --backbone NAME (see `kodalle backbones`)")
+    cfg = DalleTrainConfig(backbone=backbone, **options)
+    if cfg.dry_run:
+        from kodalle_cli.plan import dry_run_table
+        from kodalle_cli.train.dalle import dry_run
+
+        console.print(dry_run_table(dry_run(cfg)))
+        return
     from kodalle_cli.train.dalle import run_train
 
-    result = run_train(DalleTrainConfig(backbone=backbone, **options))
+    result = run_train(cfg)
     if result.checkpoint is not None:
         console.print(f"step {result.step}: checkpoint {result.checkpoint}")
 
 
 @train_app.command("vqgan")
-def train_vqgan(
-    data: Path = typer.Option(Path("shards"), help="Image shards from `kodalle prepare`."),
-    out: Path = typer.Option(Path("runs/vqgan"), "--out", "-o", help="Run directory."),
-    recipe: str = typer.Option(
-        "kodalle", help="Settings to start from: kodalle (256 px, f16, 16384 codes) or "
-        "small-flat (32 px, f4, 512 unit-norm codes: small flat-colour images); the options "
-        "below override it. docs/vqgan.md explains them."),
-    ch: int | None = typer.Option(None, help="Base channels (a multiple of 32) [kodalle: 128]."),
-    ch_mult: str | None = typer.Option(
-        None, help="Channel multipliers; f = 2^(len-1) [kodalle: 1,1,2,2,4]."),
-    n_embed: int | None = typer.Option(None, help="Codebook size [kodalle: 16384]."),
-    embed_dim: int | None = typer.Option(None, help="Code vector size [kodalle: 256]."),
-    l2_codes: bool | None = typer.Option(
-        None, "--l2-codes/--no-l2-codes",
-        help="Match features to codes on the unit sphere [kodalle: off; small-flat: on]."),
-    resolution: int | None = typer.Option(None, help="Training image side [kodalle: 256]."),
-    num_res_blocks: int | None = typer.Option(None, help="Residual blocks per level [2]."),
-    lpips_weights: Path | None = typer.Option(
-        None, help="taming LPIPS state_dict, a .pth or .safetensors file; else no perceptual loss."),
-    disc_start: int | None = typer.Option(None, help="Step at which the discriminator starts "
-                                          "(default: no discriminator)."),
-    disc_weight: float = typer.Option(0.8, help="Discriminator loss weight."),
-    lr: float | None = typer.Option(
-        None, help="Adam learning rate [kodalle: 3.6e-5, taming's 4.5e-6 x batch]."),
-    batch_size: int | None = typer.Option(None, min=1, help="[8]"),
-    max_steps: int | None = typer.Option(None, min=1, help="[kodalle: 10000]"),
-    save_every: int = typer.Option(1000, min=1, help="Checkpoint (and validate) every N steps."),
-    keep_last: int = typer.Option(2, help="Checkpoints kept (0: all)."),
-    log_every: int = typer.Option(10, min=1, help="metrics.csv row every N steps."),
-    restart_after: int | None = typer.Option(
-        None, min=1, help="Restart codes unused for N steps [kodalle: 50]."),
-    resume: bool = typer.Option(False, "--resume", help="Require a checkpoint in --out to continue (a run "
-                                "with one continues anyway)."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto|cpu|cuda"),
-) -> None:
+@options_from(VQGANTrainConfig)
+def train_vqgan(**options) -> None:
     """Train a VQGAN image tokenizer (taming-compatible .ckpt + .yaml, model.safetensors).
 
     Example: kodalle train vqgan --data shards --out runs/vqgan --resolution 256
 
     Example: kodalle train vqgan --recipe small-flat --data shards --out runs/vqgan
     """
-    from kodalle_cli.vqgan.train import VQGANTrainConfig
     from kodalle_cli.vqgan.train import train_vqgan as run_train_vqgan
 
-    mult = None
-    if ch_mult is not None:
-        try:
-            mult = tuple(int(m) for m in ch_mult.split(","))
-        except ValueError:
-            raise UsageError(
-                f"--ch-mult must be integers like 1,1,2,2,4, got {ch_mult!r}") from None
-    run = run_train_vqgan(VQGANTrainConfig.from_recipe(
-        recipe, data=data, out=out, ch=ch, ch_mult=mult, n_embed=n_embed, embed_dim=embed_dim,
-        l2_codes=l2_codes, resolution=resolution, num_res_blocks=num_res_blocks,
-        lpips_weights=lpips_weights, disc_start=disc_start, disc_weight=disc_weight, lr=lr,
-        batch_size=batch_size, max_steps=max_steps, save_every=save_every, keep_last=keep_last,
-        log_every=log_every, restart_after=restart_after, resume=resume, seed=seed,
-        device=device,
-    ))
+    run = run_train_vqgan(VQGANTrainConfig(**options))
     console.print(f"VQGAN written to {run} (use it with --vqgan {run})", soft_wrap=True)
 
 
@@ -223,6 +189,23 @@ def train_reranker(**options) -> None:
     accuracy = result.get("val_image_to_text")
     shown = f", val image->text accuracy {accuracy:.3f}" if accuracy is not None else ""
     console.print(f"reranker written to {cfg.out} (step {result['step']}{shown})")
+
+
+@app.command(help=PLAN_HELP)
+@options_from(PlanConfig)
+def plan(as_json: bool = typer.Option(False, "--json", help="Print JSON."), **options) -> None:
+    from kodalle_cli.plan import plan_table, run_plan
+
+    result = run_plan(PlanConfig(**options))
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    console.print(plan_table(result))
+    console.print(result["verdict"], soft_wrap=True)
+    if result["train_command"]:
+        console.print(result["train_command"], soft_wrap=True, markup=False, highlight=False)
+    console.print(f"throughput: {result['throughput']['source']}; rule: {result['rule']}",
+                  soft_wrap=True, markup=False, highlight=False, style="dim")
 
 
 # ---- generation and evaluation ---------------------------------------------------------------

@@ -17,8 +17,10 @@ one line::
 
 Flag names follow the field: ``--field-name``. A bool that is off by default is one flag
 (``--resume``); one that is on by default, or ``None`` for "the recipe decides", gets
-``--x/--no-x``. Parameters the command declares itself (arguments, options parsed from a
-string) come first and their fields are left out.
+``--x/--no-x``. A field whose type Typer cannot read (a tuple of any length) names a
+``parser`` (``opt(..., parser=f)``) that turns the option's string into its value.
+Parameters the command declares itself (arguments, options of its own) come first and their
+fields are left out.
 
 Only the CLI imports this module: the library never imports Typer.
 """
@@ -58,6 +60,13 @@ def _option(field: dataclasses.Field, annotation) -> typer.models.OptionInfo:
                         **meta.get("click", {}))
 
 
+def _typed(field: dataclasses.Field, hints: dict):
+    """The type Typer reads: a field with a ``parser`` is read as a string and parsed."""
+    if "parser" in field.metadata.get("click", {}):
+        return str | None
+    return hints[field.name]
+
+
 def options_from(config: type, *, skip: tuple[str, ...] = ()) -> Callable:
     """Decorate a command: it also takes every field of ``config`` (except ``skip`` and the
     command's own parameters) as an option, passed on in ``**options``."""
@@ -69,7 +78,7 @@ def options_from(config: type, *, skip: tuple[str, ...] = ()) -> Callable:
         taken = {p.name for p in own} | set(skip)
         added = [
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                              default=_option(f, hints[f.name]), annotation=hints[f.name])
+                              default=_option(f, hints[f.name]), annotation=_typed(f, hints))
             for f in dataclasses.fields(config)
             if "help" in f.metadata and f.name not in taken
         ]

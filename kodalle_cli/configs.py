@@ -6,7 +6,8 @@ as ``lr=3e-5`` is written once, here. The module imports nothing heavy (no torch
 reads it on every start-up, ``kodalle --help`` included. Checks that need the library run in
 the library (``SampleConfig.validate`` imports the sampling settings when called).
 
-``kodalle train vqgan`` starts from a recipe instead (:mod:`kodalle_cli.vqgan.train`).
+``kodalle train vqgan`` starts from a recipe: its fields whose default is None are the
+recipe's (:data:`VQGAN_RECIPES`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ from kodalle_cli.options import opt
 DEVICE_HELP = "auto|cpu|cuda"
 CROP_MODES = ("none", "garments")  # prepare --crop
 MIN_FID_IMAGES = 2  # FID's covariance needs two images in each set (1000+ for stable numbers)
+# where shards may be (kodalle_cli.data.urls), and the --manifest given apart
+SHARDS_WHERE = ("a folder, an http(s) URL (a folder URL ends with /), a brace pattern "
+                "(a name with {000..099} in it) or a pipe: command (pipe:cat ...)")
+MANIFEST_HELP = ("The shards' manifest.json (a path, URL or pipe: command), when it is not "
+                 "in the same place as the shards.")
+
+
+def log_option():
+    """``--log`` (repeatable; also ``--log-to``): the dashboards besides metrics.csv, for the
+    three training commands (:mod:`kodalle_cli.train.loggers`)."""
+    return opt(None, "Also log to tensorboard (OUT/tensorboard) or wandb (set WANDB_MODE to "
+               "offline to run without a network); repeat for both. metrics.csv is always written. "
+               "Under torchrun write --log-to (torchrun takes --log for its --log-dir).",
+               "--log", "--log-to", factory=lambda: ["csv"], metavar="NAME")
 
 
 # options that change what a shard holds (a resumed run must match them)
@@ -97,11 +112,13 @@ class TokenizeConfig:
 
     vqgan: str = opt(..., "VQGAN checkpoint path or preset name.")
     backbone: str = opt(..., "Backbone name (see `kodalle backbones`).")
-    shards: Path = Path("shards")  # the command's argument
+    shards: str = "shards"  # the command's argument: a folder, URL, pattern or pipe: command
+    manifest: str | None = opt(None, MANIFEST_HELP)
     vqgan_config: Path | None = opt(None, "taming .yaml for a .ckpt.")
     backbone_path: Path | None = opt(None, "Local copy of the backbone.")
     text_seq_len: int = opt(128, "Text tokens per caption (padded/truncated).")
-    out: Path | None = opt(None, "Output directory (default SHARDS/tokens).")
+    out: Path | None = opt(None, "Output directory, a local folder only (default "
+                                 "SHARDS/tokens; needed for remote SHARDS).")
     batch_size: int = opt(32, "Images per VQGAN batch.")
     max_bad_fraction: float = opt(
         0.01, "Skip unreadable samples (warning for each); stop when more than this share "
@@ -117,9 +134,10 @@ class TokenizeConfig:
 TRAIN_RESUME_MAY_CHANGE = (
     "max_steps", "epochs", "save_every", "keep_last", "eval_every", "eval_batches",
     "sample_every", "sample_captions", "log_every", "max_bad_steps", "max_bad_fraction",
-    "check_shards",
+    "check_shards", "log",
     "workers", "progress", "device", "precision", "compile", "grad_checkpointing", "resume",
-    "out", "data", "vqgan", "backbone_path",
+    "dry_run", "force",
+    "out", "data", "manifest", "vqgan", "backbone_path",
 )
 
 
@@ -129,9 +147,14 @@ class DalleTrainConfig:
 
     backbone: str
     backbone_path: str | None = opt(None, "Local copy of the backbone.")
-    data: Path = opt(Path("shards"), "Token shards, or image shards + --vqgan.")
+    data: str = opt("shards", f"Token shards: {SHARDS_WHERE}; or local image shards + --vqgan.")
+    manifest: str | None = opt(None, MANIFEST_HELP)
     out: Path | None = opt(None, "Run directory (default runs/BACKBONE).")
     vqgan: str | None = opt(None, "VQGAN for image shards not tokenized yet.")
+    caption_style: str = opt(
+        "as-prepared", "Which caption of a K-Fashion sample to train on: as-prepared (the "
+        "one `prepare` wrote), mixed (per-part, per-attribute or compact, drawn per sample "
+        "and epoch from --seed), or one of those styles.")
     dim: int | None = opt(None, "Model dim (default: the backbone's).")
     depth: int = opt(16, "Transformer layers.")
     heads: int = opt(8, "Attention heads.")
@@ -143,6 +166,9 @@ class DalleTrainConfig:
         "tables", "tables (KoDALLE: the backbone's token and position tables) or "
         "contextual (its whole language model, frozen; its hidden states are the text).")
     text_layer: int = opt(-1, "contextual: the layer whose states are used (-1: the last).")
+    null_caption: str = opt(
+        "pad", "contextual: what a dropped caption (and guidance's unconditional row) reads "
+        "as: pad (the LM's states of a lone pad token) or learned (a trained table).")
     text_loss_weight: float = opt(
         1.0, "Weight of the text loss (0: no text head; contextual has none).")
     loss_img_weight: float = opt(7.0, "Weight of the image loss against the text loss.")
@@ -177,6 +203,7 @@ class DalleTrainConfig:
     sample_every: int = opt(1000, "Preview grid every N steps (0: never).")
     sample_captions: int = opt(4, "Validation captions in each preview grid.")
     log_every: int = opt(10, "Steps between metrics.csv rows.")
+    log: list[str] = log_option()
     resume: bool = opt(
         False, "Continue the run in --out (a run with a checkpoint continues anyway). Only "
         "these may differ from the run's settings: " + ", ".join(
@@ -193,6 +220,12 @@ class DalleTrainConfig:
     device: str = opt("auto", DEVICE_HELP)
     workers: int = opt(2, "Data-loader worker processes per rank.")
     progress: bool = opt(True, "Show the progress bar.")
+    dry_run: bool = opt(
+        False, "Print the parameters, FLOPs per sample, memory per GPU and time of this exact "
+        "config (`kodalle plan`'s numbers) and exit without training.")
+    force: bool = opt(
+        False, "Train even when the estimated memory per GPU exceeds the device's (train "
+        "refuses such a config otherwise, before reading the data).")
 
 
 # What a resumed `train reranker` may change (any other difference from the run's
@@ -200,7 +233,7 @@ class DalleTrainConfig:
 # and how fast it runs; --data may point elsewhere.
 RERANKER_RESUME_MAY_CHANGE = (
     "max_steps", "eval_every", "eval_samples", "save_every", "keep_last", "device",
-    "precision", "resume", "out", "data", "backbone_path", "image_weights",
+    "precision", "resume", "out", "data", "manifest", "backbone_path", "image_weights", "log",
 )
 
 
@@ -210,7 +243,8 @@ class RerankerTrainConfig:
 
     backbone: str = opt(..., "Backbone for the text tower (its full model).")
     backbone_path: str | None = opt(None, "Local copy of the backbone.")
-    data: str = opt("shards", "Image shards from `kodalle prepare`.")
+    data: str = opt("shards", f"Image shards from `kodalle prepare`: {SHARDS_WHERE}.")
+    manifest: str | None = opt(None, MANIFEST_HELP)
     out: str = opt("runs/reranker", "Run and reranker directory.")
     image_size: int = opt(224, "Image side for the EfficientNet-B0 tower.")
     embed_dim: int = opt(256, "Shared embedding size.")
@@ -228,10 +262,113 @@ class RerankerTrainConfig:
     eval_samples: int = opt(256, "Validation pairs for retrieval accuracy.")
     save_every: int = opt(500, "Checkpoint every N steps.")
     keep_last: int = opt(2, "Checkpoints kept (0: all).")
+    log: list[str] = log_option()
     seed: int = opt(0, "Seed of initialisation and data order.")
     device: str = opt("auto", DEVICE_HELP)
     precision: str = opt("auto", "auto|bf16|fp16|fp32")
     resume: bool = opt(False, "Continue the run in --out.")
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    """``--ch-mult 1,1,2,2,4`` as ``(1, 1, 2, 2, 4)``."""
+    try:
+        return tuple(int(m) for m in text.split(","))
+    except ValueError:
+        raise UsageError(f"--ch-mult must be integers like 1,1,2,2,4, got {text!r}") from None
+
+
+_RECIPE_DEFAULT = "default: the recipe's."
+
+
+@dataclass
+class VQGANTrainConfig:
+    """``kodalle train vqgan``. A field whose default is None is the recipe's
+    (:data:`VQGAN_RECIPES`): it is filled in when the config is made."""
+
+    data: str = opt("shards", f"Image shards from `kodalle prepare`: {SHARDS_WHERE}.")
+    manifest: str | None = opt(None, MANIFEST_HELP)
+    out: Path = opt(Path("runs/vqgan"), "Run directory.", "-o")
+    recipe: str = opt(
+        "kodalle", "Settings to start from: kodalle (256 px, f16, 16384 codes) or small-flat "
+        "(32 px, f4, 512 unit-norm codes: small flat-colour images); an option whose default "
+        "is the recipe's overrides it. docs/vqgan.md explains them.")
+    ch: int | None = opt(None, "Base channels (a multiple of 32); " + _RECIPE_DEFAULT)
+    ch_mult: tuple[int, ...] | None = opt(
+        None, "Channel multipliers, f = 2^(len-1), like 1,1,2,2,4; " + _RECIPE_DEFAULT,
+        parser=_integers, metavar="N,N,...")
+    n_embed: int | None = opt(None, "Codebook size; " + _RECIPE_DEFAULT)
+    embed_dim: int | None = opt(None, "Code vector size; " + _RECIPE_DEFAULT)
+    l2_codes: bool | None = opt(
+        None, "Match features to codes on the unit sphere (ViT-VQGAN); " + _RECIPE_DEFAULT)
+    resolution: int | None = opt(None, "Training image side; " + _RECIPE_DEFAULT)
+    num_res_blocks: int | None = opt(None, "Residual blocks per level; " + _RECIPE_DEFAULT)
+    attn_resolutions: tuple[int, ...] | None = None  # the recipe's; None: the code grid
+    lpips_weights: Path | None = opt(
+        None, "taming LPIPS state_dict, a .pth or .safetensors file; else no perceptual loss.")
+    perceptual_weight: float = 1.0
+    disc_start: int | None = opt(
+        None, "Step at which the discriminator starts (default: no discriminator).")
+    disc_weight: float = opt(0.8, "Discriminator loss weight.")
+    codebook_weight: float = 1.0
+    lr: float | None = opt(None, "Adam learning rate; " + _RECIPE_DEFAULT)
+    batch_size: int | None = opt(None, "Images per step; " + _RECIPE_DEFAULT, min=1)
+    max_steps: int | None = opt(None, "Optimizer steps; " + _RECIPE_DEFAULT, min=1)
+    save_every: int = opt(1000, "Checkpoint (and validate) every N steps.", min=1)
+    keep_last: int = opt(2, "Checkpoints kept (0: all).")
+    log_every: int = opt(10, "metrics.csv row every N steps.", min=1)
+    log: list[str] = log_option()
+    restart_after: int | None = opt(
+        None, "Restart codes unused for N steps; " + _RECIPE_DEFAULT, min=1)
+    max_bad_fraction: float = 0.01  # unreadable images skipped; more than this share: stop
+    resume: bool = opt(
+        False, "Require a checkpoint in --out to continue (a run with one continues anyway).")
+    seed: int = opt(0, "Seed of initialisation, data order and flips.")
+    device: str = opt("auto", DEVICE_HELP)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.recipe not in VQGAN_RECIPES:
+            raise UsageError(f"unknown --recipe {self.recipe!r} "
+                             f"(choose {', '.join(VQGAN_RECIPES)})")
+        for name, value in VQGAN_RECIPES[self.recipe].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def model_config(self):
+        """The VQGAN's architecture (:class:`kodalle_cli.vqgan.model.VQGANConfig`)."""
+        from kodalle_cli.vqgan.model import VQGANConfig
+
+        f = 2 ** (len(self.ch_mult) - 1)
+        if self.resolution % f:
+            raise UsageError(f"--resolution {self.resolution} is not a multiple of {f}")
+        if self.ch % 32:
+            raise UsageError("--ch must be a multiple of 32 (GroupNorm groups)")
+        attn = self.attn_resolutions
+        if attn is None:
+            attn = (self.resolution // f,)
+        return VQGANConfig(kind="vq", n_embed=self.n_embed, embed_dim=self.embed_dim,
+                           ch=self.ch, ch_mult=tuple(self.ch_mult),
+                           num_res_blocks=self.num_res_blocks, attn_resolutions=tuple(attn),
+                           resolution=self.resolution, z_channels=self.embed_dim,
+                           extra={"base_learning_rate": self.lr / self.batch_size})
+
+
+# The settings of `kodalle train vqgan --recipe NAME`: each recipe gives every field of
+# VQGANTrainConfig whose default is None; options given override them. docs/vqgan.md says
+# why each one is what it is.
+VQGAN_RECIPES: dict[str, dict] = {
+    # KoDALLE's tokenizer (taming's defaults): 256 px, f16 (16x16 = 256 codes), 16384 codes;
+    # lr is taming's base_learning_rate 4.5e-6 x batch size 8
+    "kodalle": dict(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                    attn_resolutions=None, n_embed=16384, embed_dim=256, l2_codes=False,
+                    lr=3.6e-5, batch_size=8, restart_after=50, max_steps=10000),
+    # small flat-colour product images (the demo's garments): 32 px, f4 (8x8 codes). Enough
+    # channels per GroupNorm group to carry a flat colour, few unit-norm 8-dim codes, and a
+    # learning rate a few hundred steps can use.
+    "small-flat": dict(resolution=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1,
+                       attn_resolutions=(), n_embed=512, embed_dim=8, l2_codes=True, lr=5e-4,
+                       batch_size=8, restart_after=100, max_steps=2000),
+}
 
 
 RANKINGS = ("perplexity",)  # --rank (the reranker is --rerank PATH)
@@ -342,7 +479,8 @@ class ScoreConfig:
     """``kodalle score``."""
 
     checkpoint: str | None = opt(None, "Run to generate images with.")
-    data: str = opt("shards", "Shards with the validation split.")
+    data: str = opt("shards", f"Image shards with the validation split: {SHARDS_WHERE}.")
+    manifest: str | None = opt(None, MANIFEST_HELP)
     images: str | None = opt(None, "Score these images instead of generating.")
     num_samples: int = opt(1000, "Validation captions (and images) to use.")
     inception_weights: str | None = opt(
@@ -405,3 +543,48 @@ class ServeConfig:
         None, "For a bare .pt: the backbone whose tokenizer it was trained with.")
     vqgan: str | None = opt(None, "For a bare .pt: the VQGAN (path or preset).")
     runs_dir: Path = Path("runs")
+
+
+# `kodalle plan`'s data rule (kodalle_cli.plan.DATA_RULE gives its sources): a model should
+# see this many tokens per parameter, counting at most this many epochs of the data
+TOKENS_PER_PARAM = 20.0
+MAX_EPOCHS = 16.0
+
+
+@dataclass
+class PlanConfig:
+    """``kodalle plan`` (the numbers and the rule: :mod:`kodalle_cli.plan`)."""
+
+    data: Path = opt(Path("shards"), "Token shards (their manifest.json), or image shards "
+                     "from `kodalle prepare` with --vqgan.")
+    backbone: str | None = opt(
+        None, "Backbone (its vocabulary and width; default: the token shards' own).")
+    backbone_path: str | None = opt(None, "Local copy of the backbone.")
+    vqgan: str | None = opt(None, "Image shards: the VQGAN that will tokenize them.")
+    vqgan_config: str | None = opt(None, "taming .yaml for a --vqgan .ckpt.")
+    text_seq_len: int = opt(128, "Image shards: caption tokens (token shards: theirs).")
+    samples: int | None = opt(
+        None, "Plan for this many training pairs instead of the shards' count.")
+    gpus: int = opt(1, "GPUs to train on (DDP, or FSDP over them).")
+    gpu_memory: float | None = opt(
+        None, "GiB per GPU (default: --card's, else the device's).")
+    card: str | None = opt(None, "A GPU whose datasheet peak (dense) and memory to plan for: "
+                           "see the table above.")
+    tflops: float | None = opt(
+        None, "Peak TFLOPS per GPU at --precision, for a device that is not here.")
+    mfu: float = opt(0.3, "Share of the peak a run reaches (with --card or --tflops).")
+    hours: float = opt(168.0, "Training time to plan for.")
+    precision: str = opt("bf16", "bf16|fp16|fp32 (autocast; weights stay fp32).")
+    batch_size: int = opt(DalleTrainConfig.batch_size, "Samples per GPU per step.")
+    freeze_text_emb: bool = opt(False, "Plan with the backbone's tables frozen.")
+    text_loss_weight: float = opt(
+        DalleTrainConfig.text_loss_weight, "As train's: 0 plans without the text head (with "
+        "a large vocabulary its logits are a large share of the parameters and memory).")
+    depth: int | None = opt(None, "Plan this depth only (with --dim: one config).")
+    dim: int | None = opt(None, "Plan this width only (with --depth: one config).")
+    heads: int = opt(DalleTrainConfig.heads, "Attention heads (train's default).")
+    dim_head: int = opt(DalleTrainConfig.dim_head, "Size of each head (train's default).")
+    tokens_per_param: float = opt(TOKENS_PER_PARAM, "Data rule: tokens to see per parameter.")
+    max_epochs: float = opt(MAX_EPOCHS, "Data rule: epochs that count (repeats add little).")
+    device: str = opt("auto", "Where to measure the throughput when neither --card nor "
+                      "--tflops is given: auto|cpu|cuda.")

@@ -29,11 +29,12 @@ def run_lock(out: str | os.PathLike, enabled: bool = True):
     ``flock`` on it, which the kernel drops when the owner dies, so a lock left by a killed
     run is taken over. Re-entrant within a process (the DALLE, VQGAN and reranker commands
     take it, and so does the trainer they call); ``enabled=False`` (DDP ranks but 0) does
-    nothing."""
+    nothing. A directory it created and nothing was written to is removed again."""
     if not enabled:
         yield
         return
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = str((out / LOCK).resolve())
     if path in _held:
@@ -52,6 +53,9 @@ def run_lock(out: str | os.PathLike, enabled: bool = True):
         with contextlib.suppress(OSError):
             os.unlink(path)
         handle.close()  # releases the flock
+        if created:  # a run refused before it wrote anything leaves no empty directory
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def _process_start(pid: int) -> str | None:

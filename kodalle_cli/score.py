@@ -31,6 +31,7 @@ import torch
 
 from kodalle_cli.atomic import replacing, write_json_atomic
 from kodalle_cli.configs import MIN_FID_IMAGES, ScoreConfig
+from kodalle_cli.data import urls
 from kodalle_cli.errors import KodalleError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -328,7 +329,7 @@ def run_score(cfg: ScoreConfig) -> dict:
 
         run = load_run(cfg.checkpoint, "cpu")
     ref_images, ref_captions, pool = read_reference(
-        cfg.data, cfg.split, cfg.num_samples, pool=10_000
+        urls.source(cfg.data, cfg.manifest), cfg.split, cfg.num_samples, pool=10_000
     )
     _enough(cfg, len(ref_images), f"the {cfg.split} split of {cfg.data} holds")
     gen_codes: list = []  # the run's codes of each image (memorisation)

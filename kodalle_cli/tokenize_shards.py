@@ -6,7 +6,9 @@ is written to ``OUT`` (default ``SHARDS/tokens``), atomically; a shard already t
 manifest records the tokenizer and VQGAN identities and text_seq_len; a run whose
 tokenizer, VQGAN or text_seq_len differ from an existing manifest's is refused instead of
 mixing tokens. Captions become ids through :class:`kodalle_cli.text.CaptionEncoder`, the
-encoder ``kodalle sample`` uses too.
+encoder ``kodalle sample`` uses too. K-Fashion image shards (``prepare --format kfashion``)
+keep each sample's labels: their token shards hold the caption in every style too
+(``KEY.styles.npy``, for ``train --caption-style``).
 
 A killed run, re-run, gives the same bytes as a clean one (a shard is redone unless its stats
 file says it is finished). Unreadable samples (bad image bytes, a truncated tar) are skipped
@@ -32,6 +34,9 @@ from pathlib import Path
 from kodalle_cli.atomic import disk_full_error, is_disk_full
 from kodalle_cli.configs import TokenizeConfig
 from kodalle_cli.data import tokens as token_shards
+from kodalle_cli.data import urls
+from kodalle_cli.data.captions import CAPTION_STYLES, style_captions
+from kodalle_cli.data.kfashion import wrap_labeling
 from kodalle_cli.data.shards import remove_stale_temporaries, stats_path
 from kodalle_cli.errors import KodalleError, UsageError, warn
 from kodalle_cli.text import CaptionEncoder
@@ -47,6 +52,7 @@ class TokenizeSummary:
     seconds: float = 0.0
     images_encoded: int = 0  # this run (skipped shards not counted)
     bad: int = 0  # unreadable samples skipped (earlier runs' shards included)
+    lost: list[str] = field(default_factory=list)  # remote shards whose stream broke: not written
 
     @property
     def images_per_second(self) -> float:
@@ -79,12 +85,24 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
         raise UsageError("--text-seq-len must be at least 2")
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    shards = Path(cfg.shards)
-    out = Path(cfg.out) if cfg.out else shards / "tokens"
+    remote = urls.is_remote(cfg.shards) or "{" in str(cfg.shards) or cfg.manifest is not None
+    shards = urls.source(cfg.shards, cfg.manifest) if remote else Path(cfg.shards)
+    if cfg.out is not None and urls.is_remote(cfg.out):
+        raise UsageError(f"--out {cfg.out}: tokenize writes to a local folder only")
+    if cfg.out is None and urls.is_remote(cfg.shards):
+        raise UsageError(f"{cfg.shards} is remote: give --out, the local folder the token "
+                         "shards go to")
+    out = Path(cfg.out) if cfg.out else Path(urls.join(shards, "tokens"))
+    picked = remote and urls.selected(shards) is not None  # a pattern: split by shard name
     inputs = {}
     for split in cfg.splits:
         try:
-            inputs[split] = shard_paths(shards, split)
+            paths = shard_paths(shards, None if picked else split)
+            if picked:
+                paths = [p for p in paths if urls.name(p).startswith("val-") == (split == "val")]
+                if not paths:
+                    raise KodalleError(f"no {split} shards in {shards}")
+            inputs[split] = paths
         except KodalleError:
             if split == "train":
                 raise
@@ -111,6 +129,7 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
         warn(f"{out} holds token shards on a {old_grid}x{old_grid} grid, these {size} px "
              f"images make {grid}x{grid} with VQGAN {cfg.vqgan}: its finished shards are redone")
     budget = _BadBudget(cfg.max_bad_fraction, _expected_samples([p for _, p in todo]))
+    styles = _caption_styles(shards)
     writer = token_shards.TokenShardsWriter(
         out, text_seq_len=cfg.text_seq_len, num_image_tokens=vqgan.num_tokens,
         image_fmap_size=grid, pad_id=text.pad_id,
@@ -123,6 +142,7 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
                    "vocab_size": len(text.tokenizer)},
         shard_size=None,  # one token shard per image shard, named after it
         extra={"truncated": 0, "image_shards": str(shards)},
+        caption_styles=list(CAPTION_STYLES) if styles is not None else None,
     )
     start = time.perf_counter()
     encoded = 0
@@ -130,13 +150,18 @@ def tokenize(cfg: TokenizeConfig) -> TokenizeSummary:
         with writer, _progress(cfg.progress) as bar:
             task = bar.add_task("tokenize", total=len(todo), rate="")
             for split, shard in todo:
-                stats = _finished_stats(out / shard.name, identity, old_grid, grid)
+                stats = _finished_stats(out / urls.name(shard), identity, old_grid, grid,
+                                        styles is not None)
                 if stats is not None:
                     summary.shards_skipped += 1
-                    writer.add_finished(split, shard.name, stats["count"])
+                    writer.add_finished(split, urls.name(shard), stats["count"])
                 else:
                     stats = _tokenize_shard(writer, split, shard, text, vqgan, cfg, identity,
-                                            budget, size)
+                                            budget, size, styles)
+                    if stats is None:  # its stream broke for good: a re-run fetches it
+                        summary.lost.append(str(shard))
+                        bar.update(task, advance=1)
+                        continue
                     summary.shards_written += 1
                     encoded += stats["count"]
                 summary.samples[split] = summary.samples.get(split, 0) + stats["count"]
@@ -193,7 +218,8 @@ def _images_size(shards: list[Path]) -> int:
         for sample in iter_image_samples(shard, split=None, split_by_worker=False,
                                          on_bad=lambda *_: None):
             return max(sample.image.size)
-    raise KodalleError(f"no readable image in {shards[0].parent if shards else 'the shards'}")
+    where = urls.join(shards[0], "") if shards else "the shards"
+    raise KodalleError(f"no readable image in {where}")
 
 
 def _grid(size: int, vqgan, source) -> int:
@@ -218,10 +244,22 @@ def _refuse_mismatch(found: dict, identity: dict, where: str) -> None:
         )
 
 
+def _caption_styles(shards: Path | str | urls.Place) -> dict | None:
+    """``{"include_style": bool}`` when the image shards are K-Fashion's (their samples keep
+    the labels every caption style is built from), else None."""
+    try:
+        manifest = json.loads(urls.read_utf8(urls.manifest_location(shards, "manifest.json")))
+    except (OSError, ValueError, KodalleError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != "kfashion":
+        return None
+    return {"include_style": bool((manifest.get("options") or {}).get("include_style"))}
+
+
 def _finished_stats(target: Path, identity: dict, old_grid: int | None = None,
-                    grid: int | None = None) -> dict | None:
-    """Stats of a token shard finished by an earlier run (None: not there yet, or made on
-    another grid than ``grid``, so to be redone)."""
+                    grid: int | None = None, styles: bool = False) -> dict | None:
+    """Stats of a token shard finished by an earlier run (None: not there yet, made on
+    another grid than ``grid``, or without the caption ``styles`` wanted, so to be redone)."""
     stats_file = stats_path(target)
     if not (target.is_file() and stats_file.is_file()):
         return None
@@ -229,35 +267,49 @@ def _finished_stats(target: Path, identity: dict, old_grid: int | None = None,
     _refuse_mismatch(stats, identity, str(target))
     if grid is not None and stats.get("image_fmap_size", old_grid) not in (None, grid):
         return None
+    if styles and stats.get("caption_styles") != list(CAPTION_STYLES):
+        return None
     return stats
 
 
-def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: Path,
+def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: Path | str,
                     text: CaptionEncoder, vqgan, cfg, identity: dict,
-                    budget: _BadBudget, size: int) -> dict:
+                    budget: _BadBudget, size: int, styles: dict | None = None) -> dict | None:
     """One image shard -> the token shard of the same name, with its stats file. Samples
     that cannot be read are skipped with a warning naming shard and key (and listed in the
-    stats); the budget stops the run once too many are bad."""
+    stats); the budget stops the run once too many are bad. With ``styles`` (K-Fashion
+    shards) every sample's caption is also written in every style, from its labels. A
+    remote shard whose stream broke for good (warned about, naming its URL) is not written:
+    None."""
     from kodalle_cli.data.images import to_tensor
     from kodalle_cli.data.shards import iter_image_samples
     from kodalle_cli.train.checkpoint import kill_hook
 
-    stats = {"count": 0, "truncated": 0, "source": shard.name, **identity,
+    name, lost_before = urls.name(shard), len(urls.STATS.lost)
+    stats = {"count": 0, "truncated": 0, "source": name, **identity,
              "image_fmap_size": size // vqgan.downsample_factor}
+    if styles is not None:
+        stats.update(caption_styles=list(CAPTION_STYLES), truncated_styles=0)
     skipped: list[dict] = []
-    writer.open_shard(split, shard.name)
+    writer.open_shard(split, name)
     batch: list = []
 
     def flush():
         ids, truncated = text.encode_batch([s.caption for s in batch])
         images = to_tensor([s.image for s in batch], size=size)
         codes = vqgan.encode(images).cpu().numpy()
-        for s, row_ids, row_codes in zip(batch, ids, codes, strict=True):
-            writer.write(split, s.key, row_ids, row_codes, s.caption)
+        rows = [None] * len(batch)
+        if styles is not None:
+            variants = [_style_captions(s, styles["include_style"]) for s in batch]
+            flat, cut = text.encode_batch([c for v in variants for c in v])
+            rows = flat.reshape(len(batch), len(CAPTION_STYLES), -1)
+            stats["truncated_styles"] += cut
+        for s, row_ids, row_codes, row_styles in zip(batch, ids, codes, rows, strict=True):
+            writer.write(split, s.key, row_ids, row_codes, s.caption, row_styles)
         stats["count"] += len(batch)
         stats["truncated"] += truncated
         batch.clear()
-        kill_hook("KODALLE_TEST_KILL_IN_TOKENIZE", f"{shard.name}:{stats['count']}")
+        kill_hook("KODALLE_TEST_KILL_IN_TOKENIZE", f"{name}:{stats['count']}")
 
     def bad(path: str, key: str, reason: str) -> None:
         skipped.append({"key": key, "reason": reason})
@@ -270,6 +322,9 @@ def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: P
             flush()
     if batch:
         flush()
+    if len(urls.STATS.lost) > lost_before:  # the rest of the shard never came
+        writer.abort()
+        return None
     listed = _image_shard_count(shard)  # samples lost to a truncated tar count as bad
     if skipped or (listed is not None and listed > stats["count"]):
         lost = listed - stats["count"] if listed is not None else 0
@@ -280,12 +335,28 @@ def _tokenize_shard(writer: token_shards.TokenShardsWriter, split: str, shard: P
     return stats
 
 
-def _image_shard_count(shard: Path) -> int | None:
-    """The samples `kodalle prepare` wrote to an image shard (its stats file), if known."""
+def _style_captions(sample, include_style: bool) -> list[str]:
+    """A K-Fashion sample's caption in every style, from the labels its metadata keeps (its
+    own caption for each style when it has none)."""
+    labels = sample.meta.get("labels") if isinstance(sample.meta, dict) else None
+    if isinstance(labels, dict):
+        try:
+            return style_captions(wrap_labeling(labels), include_style)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            pass
+    return [sample.caption] * len(CAPTION_STYLES)
+
+
+def _image_shard_count(shard: Path | str) -> int | None:
+    """The samples `kodalle prepare` wrote to an image shard (its stats file, also beside an
+    http(s) one), if known."""
+    if str(shard).startswith("pipe:"):
+        return None
     try:
-        stats = json.loads(stats_path(shard).read_text(encoding="utf-8"))
+        where = urls.join(shard, urls.name(shard)[: -len(".tar")] + "_stats.json")
+        stats = json.loads(urls.read_utf8(where))
         return int(stats["samples"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, KodalleError):
         return None
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny backbones built once per test session (about a second each)."""
+"""Shared fixtures: tiny backbones and a reranker built once per test session (about a second
+each), and writers of image and token shards through the project's own writers."""
 
 from __future__ import annotations
 
@@ -31,6 +32,41 @@ def tiny_gptj(tmp_path_factory):
     from kodalle_cli.experiments.tiny_backbone import build_gptj_like
 
     return build_gptj_like(tmp_path_factory.mktemp("backbones") / "tiny-gptj")
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory, tiny_klue):
+    """A random reranker (EfficientNet-B0 at 32 px, tiny_klue's text tower, 16-dim embeddings,
+    16 caption tokens) saved as a reranker directory; copy it before damaging it."""
+    import torch
+
+    from kodalle_cli.backbone import get_backbone
+    from kodalle_cli.rerank.model import build_reranker, save_reranker
+
+    torch.manual_seed(0)
+    model = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=16,
+                           text_seq_len=16)
+    return save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker")
+
+
+def write_image_shard(path, samples, quality: int = 95):
+    """One image shard as `kodalle prepare` writes it (data/shards.py's ShardWriter, its stats
+    file beside it). ``samples``: ``(key, image, caption)`` or ``(key, image, caption, meta)``;
+    a PIL image is saved as JPEG, bytes (a damaged image, say) are written as they are."""
+    import io
+    from pathlib import Path
+
+    from kodalle_cli.data.shards import ShardWriter
+
+    writer = ShardWriter(Path(path))
+    for key, image, caption, *meta in samples:
+        if not isinstance(image, bytes):
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=quality)
+            image = buf.getvalue()
+        writer.write(key, image, caption, meta[0] if meta else {})
+    writer.commit({"shard": Path(path).name, "samples": writer.count})
+    return Path(path)
 
 
 def write_tiny_tokens(out, backbone_dir, vqgan_dir=None, *, text_seq_len=16, fmap=4,
@@ -161,3 +197,48 @@ def assert_two_ranks_train_like_one(args, tmp_path, steps: int):
     assert len(one) == len(two) == steps
     for a, b in zip(one, two, strict=True):
         assert abs(a - b) < 1e-5, (one, two)
+
+
+def toy_regression_task():
+    """A Task class for the shared trainer's own tests: a seeded linear regression (y = the
+    sum of x), batch ``i`` drawn from seed ``i`` so a resumed stream is the same. Subclass it
+    for the hooks a test needs."""
+    import torch
+
+    from kodalle_cli.train.task import Task
+
+    class ToyRegression(Task):
+        def __init__(self):
+            torch.manual_seed(0)
+            self.model = torch.nn.Linear(4, 1)
+
+        def train_batches(self, start, rank, world_size):
+            i = start
+            while True:
+                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+                yield {"x": x, "y": x.sum(1, keepdim=True)}
+                i += 1
+
+        def loss(self, model, batch):
+            return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"]), {}
+
+        def batch_size(self, batch):
+            return batch["x"].shape[0]
+
+    return ToyRegression
+
+
+def wait_for_step(proc, run, step: int, timeout: float, poll: float = 0.1) -> None:
+    """Wait until the training process ``proc`` has logged ``step`` in ``run``'s metrics.csv,
+    and fail with its stderr when it ended first (or never got there in ``timeout`` s)."""
+    import time
+
+    from kodalle_cli.train.metrics import read_metrics
+
+    metrics = run / "metrics.csv"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(r["step"] >= step for r in read_metrics(metrics)):
+            break
+        time.sleep(poll)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]

@@ -323,17 +323,6 @@ def test_score_refuses_a_mismatched_vqgan(run, inception, tmp_path, capsys):
 
 
 # ---- rerankers ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def good_reranker(tiny_klue, tmp_path_factory):
-    from kodalle_cli.backbone import get_backbone
-    from kodalle_cli.rerank.model import build_reranker, save_reranker
-
-    torch.manual_seed(0)
-    model = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=8,
-                           text_seq_len=16)
-    return save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker")
-
-
 @pytest.fixture
 def image(tmp_path):
     from PIL import Image
@@ -345,8 +334,8 @@ def image(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated weights", "config of another size",
                                     "damaged config", "text tower of another size"])
-def test_damaged_reranker_is_one_line(good_reranker, image, tmp_path, capsys, damage):
-    rr = Path(shutil.copytree(good_reranker, tmp_path / "rr"))
+def test_damaged_reranker_is_one_line(tiny_reranker, image, tmp_path, capsys, damage):
+    rr = Path(shutil.copytree(tiny_reranker, tmp_path / "rr"))
     if damage == "truncated weights":
         truncate(rr / "model.safetensors")
         want = "cannot read reranker weights"
@@ -369,8 +358,8 @@ def test_damaged_reranker_is_one_line(good_reranker, image, tmp_path, capsys, da
     assert want in one_error_line(err)
 
 
-def test_sample_with_a_damaged_reranker_is_one_line(good_reranker, run, tmp_path, capsys):
-    rr = Path(shutil.copytree(good_reranker, tmp_path / "rr"))
+def test_sample_with_a_damaged_reranker_is_one_line(tiny_reranker, run, tmp_path, capsys):
+    rr = Path(shutil.copytree(tiny_reranker, tmp_path / "rr"))
     truncate(rr / "model.safetensors")
     code, _, err = cli(capsys, *sample_args(run, tmp_path / "out", "--rerank", rr,
                                             "--keep", "1"))

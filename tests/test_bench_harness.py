@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import Arm, command, compare, parser  # noqa: E402
@@ -43,6 +45,7 @@ def test_a_failing_command_arm_fails_the_benchmark():
         arm.run()
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_smoke_configuration():
     import subprocess
 

@@ -122,6 +122,7 @@ def test_options_come_from_the_config_dataclasses_with_their_defaults():
         "prepare": (root.commands["prepare"], configs.PrepareConfig),
         "tokenize": (root.commands["tokenize"], configs.TokenizeConfig),
         "train": (root.commands["train"], configs.DalleTrainConfig),
+        "train vqgan": (root.commands["train"].commands["vqgan"], configs.VQGANTrainConfig),
         "train reranker": (root.commands["train"].commands["reranker"],
                            configs.RerankerTrainConfig),
         "sample": (root.commands["sample"], configs.SampleConfig),
@@ -134,10 +135,11 @@ def test_options_come_from_the_config_dataclasses_with_their_defaults():
                 continue
             param = params[field.name]
             assert param.help == field.metadata["help"], (name, field.name)
-            if field.default is dataclasses.MISSING:
+            factory = field.default_factory
+            if field.default is dataclasses.MISSING and factory is dataclasses.MISSING:
                 assert param.required, (name, field.name)
             else:
-                default = field.default
+                default = field.default if factory is dataclasses.MISSING else factory()
                 assert param.default == (str(default) if isinstance(default, Path)
                                          and not isinstance(param.default, Path) else default), (
                     name, field.name, param.default, default)
@@ -157,6 +159,23 @@ def test_an_option_reaches_the_library_config(monkeypatch, tmp_path, capsys):
     assert (cfg.backbone, cfg.lr, cfg.freeze_text_emb, cfg.progress, cfg.max_steps) == (
         "b", 0.5, True, False, 7)
     assert cfg.depth == 16 and cfg.weight_decay == 3e-3  # untouched: the dataclass defaults
+
+
+def test_train_vqgan_options_override_the_recipe(monkeypatch, capsys):
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr("kodalle_cli.vqgan.train.train_vqgan", fake_train)
+    run(["train", "vqgan", "--recipe", "small-flat", "--ch-mult", "1,2", "--lr", "0.5",
+         "--no-l2-codes", "-o", "here"], capsys)
+    cfg = seen["cfg"]
+    assert (cfg.ch_mult, cfg.lr, cfg.l2_codes, str(cfg.out)) == ((1, 2), 0.5, False, "here")
+    assert (cfg.ch, cfg.n_embed, cfg.max_steps) == (64, 512, 2000)  # the recipe's
+    code, _, err = run(["train", "vqgan", "--ch-mult", "1,x"], capsys)
+    assert code == 2 and "--ch-mult must be integers like 1,1,2,2,4, got '1,x'" in err
 
 
 def test_the_cli_starts_without_importing_torch_or_numpy():

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from kodalle_cli import runs
 from kodalle_cli.configs import DalleTrainConfig
-from kodalle_cli.errors import UsageError
+from kodalle_cli.errors import ConfigError, UsageError
 from kodalle_cli.experiments.tiny_backbone import SAMPLE_CAPTIONS
 from kodalle_cli.model import DALLE, DALLEConfig
 from kodalle_cli.model.contextual import ContextualText
@@ -87,6 +87,45 @@ def test_a_contextual_run_samples_with_guidance(contextual_run, tmp_path):
     assert again[0].codes.equal(results[0].codes)  # the same seed: the same codes
     meta = json.loads((results[0].directory / "metadata.json").read_text(encoding="utf-8"))
     assert meta["caption"] == captions[0]
+
+
+def test_a_learned_null_caption_is_trained_and_used_for_guidance(tiny_dalle_data, tmp_path,
+                                                                  one_thread):
+    """--null-caption learned: dropped captions (and guidance's unconditional rows) read a
+    trained table instead of the LM's lone-pad states; other captions are unchanged."""
+    from kodalle_cli.data.tokens import iter_split
+    from kodalle_cli.sample import SampleConfig, sample
+
+    backbone, tokens, _ = tiny_dalle_data
+    out = tmp_path / "learned"
+    train(backbone, tokens, out, text_encoder="contextual", null_caption="learned",
+          max_steps=3)
+    saved = load_file(out / "checkpoints/step-0000003/model.safetensors")
+    assert saved["text_null"].shape == (16, 64)  # [text_seq_len, the LM's width]
+    loaded = runs.load_run(out)
+    model = loaded.model
+    assert model.config.null_caption == "learned"
+    assert not model.text_null.detach().equal(torch.zeros_like(model.text_null))
+    null = model.null_text(1)
+    caption = torch.from_numpy(next(iter_split(tokens, "train", 1))["ids"])[None]
+    with torch.no_grad():
+        want_null = model.text_proj(torch.cat((model.text_bos[None, None],
+                                               model.text_null[None]), dim=1))
+        assert torch.allclose(model.embed_text(null), want_null)
+        lm_states = model.text_encoder(caption)
+        want = model.text_proj(torch.cat((model.text_bos[None, None], lm_states), dim=1))
+        assert torch.allclose(model.embed_text(caption), want)
+    # trained: the dropped captions' gradient moved the table from its initial values (the
+    # run built its model right after torch.manual_seed(seed 0), as here)
+    torch.manual_seed(0)
+    fresh = DALLE(DALLEConfig.from_dict(model.config.to_dict()))
+    assert not fresh.text_null.detach().equal(model.text_null.detach())
+    results = sample(SampleConfig(captions=[SAMPLE_CAPTIONS[0]], n=2, checkpoint=out, out=None,
+                                  cond_scale=3.0, seed=1, progress=False), loaded)
+    assert results[0].codes.shape[0] == 2
+    # only for contextual text
+    with pytest.raises(ConfigError, match="null_caption=learned: .*contextual"):
+        train(backbone, tokens, tmp_path / "tables", null_caption="learned", max_steps=1)
 
 
 def test_the_encoder_caches_each_caption_and_ignores_its_batch(tiny_klue):

@@ -66,3 +66,38 @@ def test_cuda_sampling_is_seeded(tiny_dalle_data, tmp_path):
     runs = [sample(SampleConfig(caption, n=4, seed=7, checkpoint=tmp_path / "run", out=None,
                                 device="cuda", progress=False)) for _ in range(2)]
     assert torch.equal(runs[0][0].codes, runs[1][0].codes)
+
+
+@pytest.mark.parametrize("mode", ["plain", "reversible", "checkpointing"])
+def test_memory_estimate_matches_max_memory_allocated(mode):
+    """`kodalle plan`'s memory per GPU against the CUDA allocator's peak over two bf16
+    training steps (the second holds AdamW's state), within 25%."""
+    from kodalle_cli import plan
+    from kodalle_cli.model import DALLE, DALLEConfig
+
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    cfg = DALLEConfig(num_text_tokens=8000, num_image_tokens=1024, image_fmap_size=16,
+                      dim=512, depth=6, heads=8, dim_head=64, text_seq_len=64,
+                      reversible=mode == "reversible")
+    cuda, batch = torch.device("cuda"), 16
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.manual_seed(0)
+    model = DALLE(cfg).to(cuda).train()
+    model.grad_checkpointing = mode == "checkpointing"
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    text = torch.randint(2, cfg.num_text_tokens, (batch, cfg.text_seq_len), device=cuda)
+    codes = torch.randint(0, cfg.num_image_tokens, (batch, cfg.image_seq_len), device=cuda)
+    for _ in range(2):
+        with torch.autocast("cuda", torch.bfloat16):
+            loss, _ = model(text, codes, return_loss=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() - base
+    estimate = plan.memory(cfg, batch, "bf16", reversible=mode == "reversible",
+                           checkpointing=mode == "checkpointing").total
+    print(f"{mode}: estimate {estimate / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+    assert 0.75 <= estimate / peak <= 1.25

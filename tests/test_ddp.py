@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import torchrun, train_losses, write_tiny_tokens
+from conftest import torchrun, train_losses, wait_for_step, write_tiny_tokens
 
 from kodalle_cli.cli import main
-from kodalle_cli.train.metrics import read_metrics
 
 COMMON = ["--dim", "32", "--depth", "2", "--heads", "2", "--dim-head", "16", "--device", "cpu",
           "--workers", "0", "--no-progress", "--lr", "1e-3", "--warmup-steps", "2",
@@ -42,7 +41,6 @@ def test_sigint_to_torchrun_saves_and_the_resume_is_bitwise(tiny_klue, tmp_path)
     import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
@@ -64,13 +62,7 @@ def test_sigint_to_torchrun_saves_and_the_resume_is_bitwise(tiny_klue, tmp_path)
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.csv").is_file() and any(
-                    r["step"] >= 3 for r in read_metrics(out / "metrics.csv")):
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        wait_for_step(proc, out, 3, timeout=300)
         proc.send_signal(signal.SIGINT)  # to torchrun only: it forwards it to the ranks
         _, stderr = proc.communicate(timeout=300)
     finally:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from kodalle_cli.experiments.common import REPORT_STYLE
 from kodalle_cli.experiments.demo import HOLDOUT, caption_category, caption_colour
 
 
@@ -35,7 +36,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                     "Generated: seen combinations", "Generated: held-out combinations",
                     "Timings", "Memorisation"):
         assert heading in report
-    assert "Noto Sans KR" in report  # a font stack that has Hangul
+    assert "Noto Sans KR" in report and REPORT_STYLE in report  # a font stack with Hangul
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     faith = summary["faithfulness"]
     for name in ("seen", "held-out"):

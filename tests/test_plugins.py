@@ -36,6 +36,7 @@ def fresh_plugins():
     reset_plugin_manager()
 
 
+@pytest.mark.slow
 def test_builtins_come_from_entry_points():
     rows = backbones_json()
     assert BUILTINS <= set(rows)
@@ -51,6 +52,7 @@ def test_core_never_imports_a_backbone_by_name():
         assert "import backbones" not in text and "from backbones" not in text, path
 
 
+@pytest.mark.slow
 def test_kodalle_plugins_limits_what_loads():
     assert set(backbones_json({"KODALLE_PLUGINS": "klue"})) == {
         "klue-roberta-large", "klue-roberta-base",

@@ -56,6 +56,7 @@ def shrink(words: list[str], tiny_backbone: Path, inception: Path) -> list[str]:
         "score": f"--num-samples 4 --inception-weights {inception} --device cpu",
         "backbones": "",
         "attributes": "",
+        "plan": "",  # reads manifests and the backbone's config; --card: no measurement
     }.get(sub)
     if extra is None:  # `train --backbone ...` (the DALLE)
         extra = TINY_DALLE

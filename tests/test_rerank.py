@@ -3,13 +3,12 @@ its directory reloads to the same scores, and `kodalle rerank` prints images bes
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
 import pytest
 import torch
-import webdataset as wds
+from conftest import write_image_shard
 
 from kodalle_cli.backbone import get_backbone
 from kodalle_cli.data.synthetic import random_garment, render
@@ -43,12 +42,8 @@ def synthetic_pairs(n: int, seed: int):
 
 
 def write_shard(path, pairs):
-    with wds.TarWriter(str(path)) as sink:
-        for i, (image, caption) in enumerate(pairs):
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=95)
-            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": caption,
-                        "json": json.dumps({"size": list(image.size)})})
+    write_image_shard(path, ((f"{i:06d}", image, caption, {"size": list(image.size)})
+                             for i, (image, caption) in enumerate(pairs)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,6 +77,7 @@ def trained(shards, backbone_dir, tmp_path_factory):
     return out, train_reranker(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_trained_reranker_ranks_the_matching_caption_first(trained):
     out, result = trained
     reranker = load_reranker(out)
@@ -97,6 +93,7 @@ def test_trained_reranker_ranks_the_matching_caption_first(trained):
     assert "val_image_to_text" in metrics and "val_text_to_image" in metrics
 
 
+@pytest.mark.slow
 def test_reranker_directory_is_self_contained(trained, backbone_dir):
     out, _ = trained
     config = json.loads((out / "config.json").read_text())
@@ -170,6 +167,7 @@ def test_equal_captions_are_not_pushed_apart():
     torch.testing.assert_close(contrastive_loss(logits, eye), contrastive_loss(logits))
 
 
+@pytest.mark.slow
 def test_rerank_command_prints_images_best_first(trained, tmp_path, capsys):
     from kodalle_cli.cli import main
 

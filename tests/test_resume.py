@@ -4,7 +4,6 @@ included, with the default settings) and resumed reaches bitwise the uninterrupt
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_shard
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -106,20 +106,16 @@ VQ = ["--resolution", "32", "--ch", "32", "--ch-mult", "1,2", "--n-embed", "32",
 
 @pytest.fixture(scope="module")
 def image_shards(tmp_path_factory):
-    import webdataset as wds
-
     root = tmp_path_factory.mktemp("vqshards")
     rng = np.random.default_rng(0)
     for split, n in (("train", 20), ("val", 4)):
-        with wds.TarWriter(str(root / f"{split}-000000.tar"), encoder=False) as w:
-            for i in range(n):
-                im = np.full((32, 32, 3), 255, dtype=np.uint8)
-                x, y = rng.integers(0, 16, 2)
-                im[y:y + 12, x:x + 12] = rng.integers(0, 200, 3)
-                buf = io.BytesIO()
-                Image.fromarray(im).save(buf, format="JPEG", quality=95)
-                w.write({"__key__": f"{split}{i:03d}", "jpg": buf.getvalue(), "txt": b"c",
-                         "json": b"{}"})
+        samples = []
+        for i in range(n):
+            im = np.full((32, 32, 3), 255, dtype=np.uint8)
+            x, y = rng.integers(0, 16, 2)
+            im[y:y + 12, x:x + 12] = rng.integers(0, 200, 3)
+            samples.append((f"{split}{i:03d}", Image.fromarray(im), "c"))
+        write_image_shard(root / f"{split}-000000.tar", samples)
     return root
 
 

@@ -5,7 +5,6 @@ Each is checked through the command line: exit status, and the one line the user
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import write_image_shard
 from PIL import Image
 from test_bad_checkpoints import CAPTION, cli, one_error_line, write_run
 
@@ -211,23 +210,12 @@ def test_cond_scale_with_cond_drop_does_not_warn(run, tmp_path, capsys):
 
 
 # ---- rerank ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reranker(tiny_klue, tmp_path_factory):
-    from kodalle_cli.backbone import get_backbone
-    from kodalle_cli.rerank.model import build_reranker, save_reranker
-
-    torch.manual_seed(0)
-    model = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=8,
-                           text_seq_len=16)
-    return save_reranker(model, tmp_path_factory.mktemp("rr") / "reranker")
-
-
 def _png(path: Path, colour=(200, 30, 30)) -> Path:
     Image.new("RGB", (16, 16), colour).save(path)
     return path
 
 
-def test_rerank_skips_files_that_are_not_readable_images(reranker, tmp_path, capsys):
+def test_rerank_skips_files_that_are_not_readable_images(tiny_reranker, tmp_path, capsys):
     good = [_png(tmp_path / "a.png"), _png(tmp_path / "b.jpg", (0, 0, 200))]
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
@@ -237,7 +225,7 @@ def test_rerank_skips_files_that_are_not_readable_images(reranker, tmp_path, cap
     folder.mkdir()
     missing = tmp_path / "missing.png"
     code, out, err = cli(capsys, "rerank", good[0], text, broken, folder, missing, good[1],
-                         "--caption", CAPTION, "--reranker", reranker, "--device", "cpu",
+                         "--caption", CAPTION, "--reranker", tiny_reranker, "--device", "cpu",
                          "--json")
     assert code == 0, err
     rows = json.loads(out)
@@ -251,10 +239,10 @@ def test_rerank_skips_files_that_are_not_readable_images(reranker, tmp_path, cap
         assert reason in line, line
 
 
-def test_rerank_with_no_readable_image_is_one_line(reranker, tmp_path, capsys):
+def test_rerank_with_no_readable_image_is_one_line(tiny_reranker, tmp_path, capsys):
     (tmp_path / "x.txt").write_text("text")
     code, out, err = cli(capsys, "rerank", tmp_path / "x.txt", tmp_path / "gone.png",
-                         "--caption", CAPTION, "--reranker", reranker, "--device", "cpu")
+                         "--caption", CAPTION, "--reranker", tiny_reranker, "--device", "cpu")
     assert code == 1 and out == ""
     assert len(warnings_in(err)) == 2
     assert [ln for ln in err.splitlines() if ln.startswith("Error: ")] == [
@@ -262,18 +250,18 @@ def test_rerank_with_no_readable_image_is_one_line(reranker, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("caption", ["", "  "])
-def test_rerank_with_an_empty_caption_is_a_usage_error(reranker, tmp_path, capsys, caption):
+def test_rerank_with_an_empty_caption_is_a_usage_error(tiny_reranker, tmp_path, capsys, caption):
     code, _, err = cli(capsys, "rerank", _png(tmp_path / "a.png"), "--caption", caption,
-                       "--reranker", reranker, "--device", "cpu")
+                       "--reranker", tiny_reranker, "--device", "cpu")
     assert code == 2
     assert "--caption is empty" in one_error_line(err)
 
 
-def test_rerank_control_and_long_captions_rank(reranker, tmp_path, capsys):
+def test_rerank_control_and_long_captions_rank(tiny_reranker, tmp_path, capsys):
     image = _png(tmp_path / "a.png")
     for caption in ("빨강\x1b[31m red \u202e красный", "레드 " * 3000):
         code, out, err = cli(capsys, "rerank", image, "--caption", caption, "--reranker",
-                             reranker, "--device", "cpu", "--json")
+                             tiny_reranker, "--device", "cpu", "--json")
         assert code == 0, err
         assert len(json.loads(out)) == 1
 
@@ -287,15 +275,10 @@ def inception(tmp_path_factory):
 
 
 def _shards(directory: Path, count: int) -> Path:
-    import webdataset as wds
-
     directory.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(directory / "val-000000.tar")) as sink:
-        for i in range(count):
-            buf = io.BytesIO()
-            Image.new("RGB", (16, 16), (10 * i, 50, 90)).save(buf, format="JPEG")
-            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": CAPTION,
-                        "json": "{}"})
+    write_image_shard(directory / "val-000000.tar", [
+        (f"{i:06d}", Image.new("RGB", (16, 16), (10 * i, 50, 90)), CAPTION)
+        for i in range(count)], quality=75)
     return directory
 
 
@@ -353,9 +336,9 @@ def test_score_with_fewer_images_than_asked_warns_and_scores(inception, tmp_path
     assert any("fewer than --num-samples 50: scoring 3" in w for w in warnings_in(err))
 
 
-def test_rerank_table_shows_markup_and_escapes_as_text(reranker, tmp_path, capsys):
+def test_rerank_table_shows_markup_and_escapes_as_text(tiny_reranker, tmp_path, capsys):
     image = _png(tmp_path / "a.png")
     code, out, err = cli(capsys, "rerank", image, "--caption", "[/bold] 레드\x1b[31m",
-                         "--reranker", reranker, "--device", "cpu")
+                         "--reranker", tiny_reranker, "--device", "cpu")
     assert code == 0, err
     assert "[/bold] 레드\\x1b[31m" in out and "\x1b[31m" not in out

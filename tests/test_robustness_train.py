@@ -10,46 +10,32 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import toy_regression_task, wait_for_step
 
 from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.runlock import run_lock
 from kodalle_cli.runs import latest_checkpoint
 from kodalle_cli.train.metrics import read_metrics
-from kodalle_cli.train.trainer import Task, TrainerConfig, TrainingInterrupted, train
+from kodalle_cli.train.trainer import TrainerConfig, TrainingInterrupted, train
 
 TINY = dict(dim=32, depth=2, heads=2, dim_head=16, device="cpu", progress=False, lr=1e-3,
             warmup_steps=2, batch_size=4, eval_every=0, sample_every=0)
 
 
-class Toy(Task):
+class Toy(toy_regression_task()):
     """A linear regression with hooks: the trainer is shared, so its guards are tested on
     something small."""
 
     def __init__(self, on_step=None, on_save=None):
-        torch.manual_seed(0)
-        self.model = torch.nn.Linear(4, 1)
+        super().__init__()
         self.on_step, self.on_save = on_step, on_save
         self.step = 0
-
-    def train_batches(self, start, rank, world_size):
-        i = start
-        while True:
-            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
-            yield {"x": x, "y": x.sum(1, keepdim=True)}
-            i += 1
-
-    def loss(self, model, batch):
-        return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"]), {}
-
-    def batch_size(self, batch):
-        return batch["x"].shape[0]
 
     def after_step(self, model, step, optimizer):
         self.step = step
@@ -117,13 +103,7 @@ def test_cli_ctrl_c_and_a_second_run_on_the_same_directory(tiny_dalle_data, tmp_
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.csv").is_file() and any(
-                    r["step"] >= 2 for r in read_metrics(out / "metrics.csv")):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        wait_for_step(proc, out, 2, timeout=120, poll=0.2)
         assert (out / "lock").read_text().split()[0] == str(proc.pid)
         with pytest.raises(KodalleError, match=f"in use by another run \\(pid {proc.pid}"):
             run_train(DalleTrainConfig(backbone=str(backbone), data=tokens, out=out,
@@ -175,6 +155,13 @@ def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path):
     with run_lock(tmp_path), run_lock(tmp_path):  # re-entrant within a process
         assert (tmp_path / "lock").read_text().split()[0] == str(os.getpid())
     assert not (tmp_path / "lock").exists()
+    # a directory the lock created is removed when nothing was written to it, kept otherwise
+    with run_lock(tmp_path / "new" / "run"):
+        assert (tmp_path / "new/run/lock").is_file()
+    assert not (tmp_path / "new/run").exists() and (tmp_path / "new").is_dir()
+    with run_lock(tmp_path / "written"):
+        (tmp_path / "written/config.json").write_text("{}", encoding="utf-8")
+    assert (tmp_path / "written/config.json").is_file()
 
 
 # ---- a full disk -------------------------------------------------------------------------------
@@ -287,20 +274,20 @@ def test_token_shards_another_vqgan_cannot_decode_are_refused(tiny_dalle_data, t
 
 
 def test_train_vqgan_skips_unreadable_images(tmp_path, one_thread):
-    import webdataset as wds
+    from conftest import write_image_shard
     from PIL import Image
 
     from kodalle_cli.vqgan.train import VQGANTrainConfig, train_vqgan
 
     data = tmp_path / "shards"
     data.mkdir()
-    with wds.TarWriter(str(data / "train-000000.tar"), encoder=False) as w:
-        for i in range(12):
-            buf = io.BytesIO()
-            Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(buf, format="JPEG")
-            jpg = buf.getvalue() if i != 5 else buf.getvalue()[:60]  # cut: undecodable
-            w.write({"__key__": f"k{i:02d}", "jpg": jpg, "txt": b"c", "json": b"{}"})
-    (data / "train-000000_stats.json").write_text('{"samples": 12}')  # as prepare writes
+    samples = []
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(buf, format="JPEG")
+        jpg = buf.getvalue() if i != 5 else buf.getvalue()[:60]  # cut: undecodable
+        samples.append((f"k{i:02d}", jpg, "c"))
+    write_image_shard(data / "train-000000.tar", samples)  # with its stats: 12 samples
     cfg = dict(data=data, resolution=16, ch=32, ch_mult=(1, 2), n_embed=16, embed_dim=8,
                num_res_blocks=1, batch_size=4, max_steps=3, save_every=3, log_every=1,
                device="cpu", progress=False)

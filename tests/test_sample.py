@@ -421,17 +421,11 @@ def test_sample_from_a_dalle_pytorch_pt(tiny_run, tiny_klue, tmp_path):
     assert torch.equal(from_pt[0].codes, direct[0].codes)
 
 
-def test_rerank_keeps_the_best_and_records_every_score(tiny_run, tiny_klue, tmp_path):
-    from kodalle_cli.backbone import get_backbone
-    from kodalle_cli.rerank.model import build_reranker, save_reranker
+def test_rerank_keeps_the_best_and_records_every_score(tiny_run, tiny_reranker, tmp_path):
     from kodalle_cli.sample import sample
 
-    torch.manual_seed(0)
-    reranker = build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=16,
-                              text_seq_len=16)
-    save_reranker(reranker, tmp_path / "reranker")
     res = sample(_config(tmp_path, n=4, captions=["상의에서 색상은 레드이다."],
-                         rerank=tmp_path / "reranker", keep=2), tiny_run)
+                         rerank=tiny_reranker, keep=2), tiny_run)
     meta = res[0].metadata
     scores = meta["rerank_scores"]
     assert len(scores) == 4 and len(res[0].images) == 2

@@ -270,23 +270,18 @@ def test_score_reports_near_copies_of_training_images(kfashion_run, tmp_path):
     assert "memorisation" not in off and "near_copy_share" not in off["metrics"]
 
 
-def test_score_memorisation_by_reranker_embedding(kfashion_run, tiny_klue, tmp_path):
-    from kodalle_cli.backbone import get_backbone
+def test_score_memorisation_by_reranker_embedding(kfashion_run, tiny_reranker, tmp_path):
     from kodalle_cli.configs import ScoreConfig
     from kodalle_cli.data.shards import iter_image_samples
-    from kodalle_cli.rerank.model import build_reranker, save_reranker
     from kodalle_cli.score import run_score
 
-    torch.manual_seed(0)
-    save_reranker(build_reranker(get_backbone(str(tiny_klue)), image_size=32, embed_dim=16,
-                                 text_seq_len=16), tmp_path / "reranker")
     folder = tmp_path / "copies"
     folder.mkdir()
     for s in list(iter_image_samples(kfashion_run["shards"], split="train"))[:3]:
         s.image.save(folder / f"{s.key}.png")
     shutil.copy(folder / sorted(p.name for p in folder.iterdir())[0], folder / "again.png")
     memo = run_score(ScoreConfig(images=str(folder), data=str(kfashion_run["shards"]),
-                                 reranker=str(tmp_path / "reranker"), fidelity=False,
+                                 reranker=str(tiny_reranker), fidelity=False,
                                  num_samples=4, out=str(tmp_path / "out"), device="cpu",
                                  progress=False))["memorisation"]
     assert memo["method"] == "reranker-embedding"

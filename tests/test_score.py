@@ -3,7 +3,6 @@ torch-fidelity's own extractor class and random weights), CLIP-score and R-preci
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -13,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from conftest import tiny_model_and_vqgan
+from conftest import tiny_model_and_vqgan, write_image_shard
 from PIL import Image
 
 from kodalle_cli.data.synthetic import COLOURS, random_garment, render
@@ -62,15 +60,13 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("score-shards")
-    with wds.TarWriter(str(root / "val-000000.tar")) as sink:
-        for i, (image, caption) in enumerate(garments(40, seed=11)):
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=95)
-            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": caption,
-                        "json": "{}"})
+    pairs = enumerate(garments(40, seed=11))
+    write_image_shard(root / "val-000000.tar",
+                      [(f"{i:06d}", image, caption) for i, (image, caption) in pairs])
     return root
 
 
+@pytest.mark.slow
 def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_farther(weights, tmp_path):
     images = [g[0] for g in garments(N, seed=1)]
     a = write_pngs(images, tmp_path / "a", SIZE)
@@ -85,6 +81,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_farther(weight
     assert same["is_mean"] >= 1.0
 
 
+@pytest.mark.slow
 def test_score_images_made_elsewhere_writes_score_json(
         weights, val_shards, tmp_path, capsys):
     from kodalle_cli.cli import main
@@ -126,6 +123,7 @@ def tiny_run(run, tokenizer_dir):
     return run
 
 
+@pytest.mark.slow
 def test_score_a_run_end_to_end_and_fid_equals_torch_fidelity_cli(
         weights, val_shards, tiny_klue, tmp_path, capsys):
     from kodalle_cli.cli import main

@@ -256,7 +256,17 @@ def test_a_running_job_can_be_cancelled(server, gated):
     {"caption": CAPTION, "temperature": 1e6},
     {"caption": CAPTION, "cond_scale": -1},
     {"caption": CAPTION, "cond_scale": 10**400},
-    {"caption": CAPTION, "keep": 2},  # no reranker
+    {"caption": CAPTION, "keep": 2},  # no reranker, no rank
+    {"caption": CAPTION, "rank": "clip"},
+    {"caption": CAPTION, "rank": True},
+    {"caption": CAPTION, "rank": "perplexity", "n": 2, "keep": 3},  # keep > n
+    {"caption": CAPTION, "rank": "perplexity", "n": 2, "keep": 0},
+    {"caption": "", "rank": "perplexity"},  # only an image prompt allows no caption
+    {"caption": CAPTION, "init_rows": 2},  # no image prompt
+    {"caption": CAPTION, "init_image": "../../etc/passwd"},
+    {"caption": CAPTION, "init_image": "/tmp/x.png"},
+    {"caption": CAPTION, "init_image": 7},
+    {"caption": CAPTION, "init_image": "0" * 32},  # never uploaded
     {"caption": CAPTION, "path": "/etc/passwd"},
     {"caption": CAPTION, "out": "../x"},
     [CAPTION],
@@ -364,6 +374,146 @@ def test_attribute_picker_builds_the_runs_caption(tiny_run, tmp_path):
     queue.stop()
 
 
+# ---- image prompts and ranking by perplexity -------------------------------------------------
+def picture(kind: str = "PNG", size=(20, 12)) -> bytes:
+    """A picture with a red top half and a blue bottom half, as ``kind`` bytes."""
+    from PIL import Image
+
+    image = Image.new("RGB", size, (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, size[0], size[1] // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, kind: str = "image/png"):
+    return client.post("/api/prompts", content=data, headers={"Content-Type": kind})
+
+
+def test_an_image_prompt_keeps_its_rows_as_kodalle_sample_does(server, tiny_run, tmp_path):
+    from kodalle_cli.configs import SampleConfig
+    from kodalle_cli.sample import sample
+
+    client, _, out = server
+    info = client.get("/api/info").json()
+    assert info["image_rows"] == 4 and info["image_size"] == 8
+    assert info["limits"]["init_rows"] == [1, 3]
+    assert info["limits"]["prompt_types"] == ["image/jpeg", "image/png", "image/webp"]
+    for kind, mime in (("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("PNG", "image/png")):
+        made = upload(client, picture(kind), mime)
+        assert made.status_code == 201, made.text
+    made = made.json()
+    assert made["rows"] == 4 and made["default_rows"] == 2 and made["size"] == 8
+    # kept as the model sees it: fitted to 8 x 8 with white padding, under OUT/prompts/
+    shown = client.get(made["url"])
+    assert shown.status_code == 200 and png_size(shown.content) == (8, 8)
+    stored = out / "prompts" / f"{made['id']}.png"
+    assert stored.read_bytes() == shown.content
+
+    response = client.post("/api/jobs", json={"caption": CAPTION, "n": 2, "seed": 4,
+                                              "init_image": made["id"], "init_rows": 1})
+    assert response.status_code == 202, response.text
+    job = wait_for(client, response.json()["id"])
+    assert job["state"] == "done", job
+    assert job["settings"]["init_rows"] == 1 and job["settings"]["init_image"] == made["id"]
+    assert job["prompt"] == {"url": f"/api/jobs/{job['id']}/prompt.png", "rows": 1, "of": 4}
+    assert png_size(client.get(job["prompt"]["url"]).content) == (8, 8)
+    folder = out / job["folder"]
+    assert (folder / "prompt.png").is_file()
+    meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    assert meta["init_image"]["kept_rows"] == 1 and meta["init_image"]["kept_tokens"] == 4
+    # the codes `kodalle sample --init-image PROMPT --init-rows 1 --seed 4` draws: the
+    # prompt's top row of codes, then the model's
+    expected = sample(SampleConfig([CAPTION], n=2, seed=4, out=None, init_image=stored,
+                                   init_rows=1, device="cpu", progress=False), tiny_run)[0]
+    codes = np.load(folder / "codes.npy")
+    assert np.array_equal(codes, expected.codes.numpy())
+    assert (codes[:, :4] == np.array(meta["init_image"]["codes"])).all()
+    # without rows: half of them, as the CLI; without a caption: the null caption, warned
+    job = wait_for(client, client.post("/api/jobs", json={
+        "caption": "", "n": 1, "init_image": made["id"]}).json()["id"])
+    assert job["state"] == "done", job
+    assert job["prompt"]["rows"] == 2
+    assert any("without a caption" in w for w in job["warnings"])
+    assert client.get(f"/api/jobs/{job['id']}/prompt.png").status_code == 200
+    plain = wait_for(client, client.post("/api/jobs", json={"caption": CAPTION, "n": 1})
+                     .json()["id"])
+    assert plain["prompt"] is None
+    assert client.get(f"/api/jobs/{plain['id']}/prompt.png").status_code == 404
+
+
+@pytest.mark.parametrize("rows", [0, 4, 99, -1, 1.5, "2", True])
+def test_image_prompt_rows_out_of_range_are_refused(server, rows):
+    client, queue, _ = server
+    made = upload(client, picture()).json()
+    response = client.post("/api/jobs", json={"caption": CAPTION, "n": 1,
+                                              "init_image": made["id"], "init_rows": rows})
+    assert response.status_code == 400, response.text
+    assert "init_rows" in response.json()["error"]
+    assert not queue.jobs
+
+
+def test_image_prompts_too_big_or_of_the_wrong_type_get_a_4xx(server, monkeypatch):
+    import kodalle_cli.serve.checks as checks
+
+    client, queue, out = server
+    gif = picture("GIF")
+    for data, kind, status, words in (
+            (picture(), "text/plain", 415, "PNG, JPEG or WebP"),
+            (gif, "image/gif", 415, "PNG, JPEG or WebP"),
+            (gif, "image/png", 415, "GIF"),  # the bytes decide, not the claimed type
+            (b"not a picture at all", "image/jpeg", 415, "not an image"),
+            (picture("PNG", (64, 64))[:120], "image/png", 400, "cannot be used"),  # cut short
+            (b"", "image/png", 400, "empty"),
+            (json.dumps({"caption": CAPTION}).encode(), "application/json", 415, "PNG")):
+        response = upload(client, data, kind)
+        assert response.status_code == status, (kind, response.text)
+        assert words in response.json()["error"], response.json()
+    monkeypatch.setattr(checks, "MAX_PROMPT_BYTES", 1000)
+    big = picture("PNG", (400, 400)) + b"\0" * 2000
+    response = upload(client, big)
+    assert response.status_code == 413 and "larger than" in response.json()["error"]
+    # a lying Content-Length is no way round the limit
+    def chunks():
+        yield big[:600]
+        yield big[600:]
+    response = client.post("/api/prompts", content=chunks(),
+                           headers={"Content-Type": "image/png"})
+    assert response.status_code == 413
+    monkeypatch.setattr(checks, "MAX_PROMPT_BYTES", 10**7)
+    monkeypatch.setattr(checks, "MAX_PROMPT_PIXELS", 100)
+    response = upload(client, picture("PNG", (20, 20)))
+    assert response.status_code == 413 and "20x20 pixels" in response.json()["error"]
+    assert not queue.prompts and not (out / "prompts").exists()
+    assert client.get("/api/prompts/" + "0" * 32 + ".png").status_code == 404
+    assert client.get("/api/prompts/..%2F..%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_rank_by_perplexity_keeps_the_best_k_as_the_cli_does(server, tiny_run):
+    from kodalle_cli.configs import SampleConfig
+    from kodalle_cli.sample import sample
+
+    client, _, out = server
+    job = wait_for(client, client.post("/api/jobs", json={
+        "caption": CAPTION, "n": 4, "seed": 2, "rank": "perplexity", "keep": 2}).json()["id"])
+    assert job["state"] == "done", job
+    assert job["ranked_by"] == "perplexity" and job["settings"]["rank"] == "perplexity"
+    assert [img["rank"] for img in job["images"]] == [0, 1]
+    perplexities = [img["perplexity"] for img in job["images"]]
+    assert perplexities == sorted(perplexities) and all(p > 1 for p in perplexities)
+    expected = sample(SampleConfig([CAPTION], n=4, seed=2, rank="perplexity", keep=2,
+                                   out=None, device="cpu", progress=False), tiny_run)[0]
+    kept = [img["index"] for img in job["images"]]
+    assert kept == [img["image_index"] for img in expected.metadata["images"]]
+    assert np.array_equal(np.load(out / job["folder"] / "codes.npy"), expected.codes.numpy())
+    dropped = next(i for i in range(4) if i not in kept)
+    assert client.get(f"/api/jobs/{job['id']}/images/{dropped}.png").status_code == 404
+    # ranked, every image kept
+    job = wait_for(client, client.post("/api/jobs", json={
+        "caption": CAPTION, "n": 3, "seed": 2, "rank": "perplexity"}).json()["id"])
+    assert [img["rank"] for img in job["images"]] == [0, 1, 2]
+
+
 # ---- the reranker ----------------------------------------------------------------------------
 def test_with_a_reranker_images_come_back_ranked(tiny_run, tiny_klue, tmp_path):
     import torch
@@ -389,6 +539,12 @@ def test_with_a_reranker_images_come_back_ranked(tiny_run, tiny_klue, tmp_path):
         assert client.get(f"/api/jobs/{job['id']}/images/{dropped}.png").status_code == 404
         assert client.post("/api/jobs", json={"caption": CAPTION, "n": 2, "keep": 3}
                            ).status_code == 400
+        # rank by perplexity instead: the model's own likelihood, the reranker unused
+        job = wait_for(client, client.post("/api/jobs", json={
+            "caption": CAPTION, "n": 4, "keep": 2, "seed": 3, "rank": "perplexity"}).json()["id"])
+        assert job["state"] == "done" and job["ranked_by"] == "perplexity", job
+        assert [img["rank"] for img in job["images"]] == [0, 1]
+        assert all("score" not in img and img["perplexity"] > 1 for img in job["images"])
     queue.stop()
 
 
@@ -446,8 +602,13 @@ def _chromium() -> str | None:
 
 @pytest.mark.slow
 def test_the_page_in_headless_chromium(tiny_run, tmp_path):
-    """Open the page, type a caption, generate, see the images arrive. With
-    KODALLE_SCREENSHOT=PATH the finished page is saved there (the README's picture)."""
+    """Open the page, pick attributes, generate, see the images arrive; then an image
+    prompt ranked by perplexity, keeping the best two, and the server's refusals shown.
+
+    With KODALLE_SCREENSHOT=PATH the page is saved there once the first images are in (the
+    README's picture, docs/serve.png); KODALLE_SCREENSHOT_RUN=DIR serves that trained run
+    instead of the tiny random one (for the picture only: make demo's DALLE run; the
+    Korean needs a CJK font, such as Debian's fonts-noto-cjk)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -459,25 +620,29 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
 
     from kodalle_cli.serve.server import listen
 
-    run_dir = None
-    try:
-        import kodalle_cli.attributes  # noqa: F401
+    trained = os.environ.get("KODALLE_SCREENSHOT_RUN")
+    if trained:
+        from kodalle_cli.runs import load_run
 
-        run_dir = tmp_path / "run"
+        run, run_dir, n = load_run(trained, "cpu"), Path(trained), 10
+    else:
+        run, run_dir, n = tiny_run, tmp_path / "run", 5
         run_dir.mkdir()
         (run_dir / "config.json").write_text(json.dumps(
             {"kind": "dalle", "model": {}, "captions": RECORD}, ensure_ascii=False),
             encoding="utf-8")
-    except ImportError:
-        pass
-    queue = JobQueue(tiny_run, tmp_path / "out", run_dir=run_dir, batch_size=2,
-                          device="cpu")
+    queue = JobQueue(run, tmp_path / "out", run_dir=run_dir, batch_size=2, device="cpu")
+    size, rows = queue.image_size, queue.image_rows
+    prompt_file = tmp_path / "prompt.png"
+    prompt_file.write_bytes(picture("PNG", (40, 24)))
     sock = listen("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(create_app(queue, loopback_only=True),
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    images_in = ("count => [...document.querySelectorAll('#results img')].filter("
+                 f"i => i.complete && i.naturalWidth === {size}).length === count")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, headless=True,
@@ -488,41 +653,81 @@ def test_the_page_in_headless_chromium(tiny_run, tmp_path):
             page.wait_for_function("document.getElementById('n').value !== ''")
             assert page.input_value("#n") == "16"  # the CLI's default
             assert page.input_value("#top_k") == "0.9"
-            assert not page.is_visible("#keep-label")  # no reranker
-            page.fill("#caption", "qqq zzz xxx")
-            page.wait_for_selector("#warning-list li")
-            assert "unknown to the tokenizer" in page.inner_text("#warning-list")
-            if run_dir is not None:  # the attribute picker writes the caption
-                page.wait_for_selector("#attributes:not([hidden])")
-                page.select_option("select[name='상의.색상']", "레드")
-                page.wait_for_function(
-                    "document.getElementById('caption').value.includes('레드')")
-            else:
-                page.fill("#caption", CAPTION)
+            assert not page.is_visible("#keep-label")  # no reranker, no ranking asked
+            if not trained:
+                page.fill("#caption", "qqq zzz xxx")
+                page.wait_for_selector("#warning-list li")
+                assert "unknown to the tokenizer" in page.inner_text("#warning-list")
+            # the attribute picker writes the caption
+            page.wait_for_selector("#attributes:not([hidden])")
+            page.select_option("select[name='상의.색상']", "레드")
+            page.select_option("select[name='상의.카테고리']", "티셔츠")
+            page.wait_for_function("['레드', '티셔츠'].every("
+                                   "w => document.getElementById('caption').value.includes(w))")
             page.wait_for_function(
                 "document.getElementById('warning-list').children.length === 0")
-            page.fill("#n", "5")
+            page.fill("#n", str(n))
             page.fill("#seed", "7")
             page.click("#generate")
-            page.wait_for_function(
-                "[...document.querySelectorAll('#results img')].filter("
-                "i => i.complete && i.naturalWidth === 8).length === 5", timeout=30000)
+            page.wait_for_function(images_in, arg=n, timeout=120000)
             page.wait_for_function(
                 "document.getElementById('status').dataset.state === 'done'")
             assert "seed 7" in page.inner_text("#status")
             assert page.get_attribute("#grid-download", "download") == "kodalle-7-grid.png"
-            assert page.is_visible("#grid-download")
-            assert page.locator("#results figure a[download]").count() == 5
+            assert page.is_visible("#grid-download") and not page.is_visible("#job-prompt")
+            assert page.locator("#results figure a[download]").count() == n
+            shot = os.environ.get("KODALLE_SCREENSHOT")
+            if shot:
+                page.screenshot(path=shot, full_page=True)
             # a bad request shows the server's message instead of failing silently
             page.fill("#n", "65")
             page.click("#generate")
             page.wait_for_selector("#error:not([hidden])")
             assert "out of range" in page.inner_text("#error")
-            page.fill("#n", "5")
-            page.evaluate("document.getElementById('error').hidden = true")
-            shot = os.environ.get("KODALLE_SCREENSHOT")
-            if shot:
-                page.screenshot(path=shot, full_page=True)
+
+            # an image prompt: the picture as the model sees it, half its rows by default
+            page.set_input_files("#init-image", str(prompt_file))
+            page.wait_for_selector("#prompt-preview:not([hidden])")
+            assert not page.is_visible("#error")
+            assert page.input_value("#init-rows") == str(rows // 2)
+            page.wait_for_function("document.getElementById('prompt-img').naturalWidth"
+                                   f" === {size}")
+            page.fill("#init-rows", "1")
+            # rank by perplexity, keep the best two of four
+            page.check("#rank-perplexity")
+            page.wait_for_selector("#keep-label:not([hidden])")
+            page.fill("#n", "4")
+            page.fill("#keep", "5")  # more than drawn: the server says so
+            page.click("#generate")
+            page.wait_for_selector("#error:not([hidden])")
+            assert "keep 5 is out of range: give 1 to 4" in page.inner_text("#error")
+            page.fill("#keep", "2")
+            page.click("#generate")
+            page.wait_for_function(  # this job's end (the last one's "done" is still shown)
+                "document.getElementById('status').textContent.includes("
+                "'best first by perplexity')", timeout=120000)
+            page.wait_for_function(images_in, arg=2)
+            assert not page.is_visible("#error")
+            assert page.get_attribute("#status", "data-state") == "done"
+            labels = page.locator("#results figcaption span").all_inner_texts()
+            assert [label.split(" · ")[0] for label in labels] == ["#1", "#2"], labels
+            assert all("perplexity" in label for label in labels), labels
+            # the prompt beside the results, as the grid shows it
+            assert page.is_visible("#job-prompt")
+            assert page.inner_text("#job-prompt-caption") == (
+                f"image prompt · top 1 of {rows} rows kept")
+            page.wait_for_function(
+                f"document.getElementById('job-prompt-img').naturalWidth === {size}")
+            (job,) = [j for j in queue.jobs.values() if j.request["init_image"]]
+            assert job.request["init_rows"] == 1 and job.request["rank"] == "perplexity"
+            assert job.request["keep"] == 2 and len(job.files) == 2
+            # a picture of a type the server refuses: its message, and no prompt kept
+            page.set_input_files("#init-image", files=[{
+                "name": "x.gif", "mimeType": "image/gif", "buffer": picture("GIF")}])
+            page.wait_for_selector("#error:not([hidden])")
+            assert "PNG, JPEG or WebP" in page.inner_text("#error")
+            assert not page.is_visible("#prompt-preview")
+            assert page.is_disabled("#init-rows")
             browser.close()
     finally:
         server.should_exit = True

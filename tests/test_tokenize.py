@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_shard
 from PIL import Image
 
 from kodalle_cli.data import tokens as token_shards
@@ -20,17 +21,6 @@ CAPTIONS = [
     "하의에서 색상은 블루이다. 카테고리는 스커트이다.",
     "원피스에서 색상은 블랙이다. " * 12,  # longer than text_seq_len: truncated
 ]
-
-
-def write_image_shard(path, samples):
-    import webdataset as wds
-
-    with wds.TarWriter(str(path), encoder=False) as w:
-        for key, image, caption in samples:
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=95)
-            w.write({"__key__": key, "jpg": buf.getvalue(), "txt": caption.encode(),
-                     "json": json.dumps({"source": key}).encode()})
 
 
 def random_image(seed, size=32):
@@ -235,7 +225,7 @@ def damaged_image_shards(setup, tmp_path):
             m.size = len(data)
             tar.addfile(m, io.BytesIO(data))
     second = copy / "train-000001.tar"
-    second.write_bytes(second.read_bytes()[:2500])
+    second.write_bytes(second.read_bytes()[:1000])  # cut inside its first image
     (copy / "train-000001_stats.json").write_text('{"samples": 3}')
     return copy
 

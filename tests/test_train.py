@@ -25,6 +25,7 @@ def val_losses(run):
             if r["split"] == "val" and r["metric"] == "loss"}
 
 
+@pytest.mark.slow
 def test_cli_train_writes_a_self_contained_run_that_learns(tiny_dalle_data, tmp_path):
     backbone, tokens, _vqgan = tiny_dalle_data
     run = tmp_path / "run"
@@ -91,6 +92,26 @@ class Regression(Task):
 
     def batch_size(self, batch):
         return batch["x"].shape[0]
+
+
+def test_the_trainer_takes_train_settings_by_name_with_trains_defaults(tmp_path):
+    """TrainerConfig.from_options copies every setting DalleTrainConfig shares with the loop,
+    and a TrainerConfig given none has `kodalle train`'s defaults (declared once, there)."""
+    from kodalle_cli.configs import DalleTrainConfig
+
+    shared = ({f.name for f in dataclasses.fields(TrainerConfig)}
+              & {f.name for f in dataclasses.fields(DalleTrainConfig)}) - {"out"}
+    assert {"lr", "batch_size", "grad_accum", "strategy", "max_bad_steps", "log"} <= shared
+    changed = DalleTrainConfig(backbone="b", lr=0.5, grad_accum=3, strategy="fsdp",
+                               keep_last=7, log=["csv", "tensorboard"])
+    trainer = TrainerConfig.from_options(changed, out=tmp_path, keep_last=1)
+    assert (trainer.out, trainer.keep_last, trainer.log) == (tmp_path, 1,
+                                                             ("csv", "tensorboard"))
+    for name in shared - {"keep_last", "log"}:
+        assert getattr(trainer, name) == getattr(changed, name), name
+    bare, default = TrainerConfig(out=tmp_path), DalleTrainConfig(backbone="b")
+    for name in shared - {"log"}:
+        assert getattr(bare, name) == getattr(default, name), name
 
 
 def test_non_finite_losses_are_skipped_then_stop_with_the_good_checkpoint(tmp_path):

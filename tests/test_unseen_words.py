@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kodalle_cli.experiments import demo
+from kodalle_cli.experiments import common, demo
 from kodalle_cli.experiments import faithfulness as fa
 from kodalle_cli.experiments import unseen_words as uw
 
@@ -217,6 +217,7 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
         assert heading in report
     assert report.count("data:image/png;base64,") >= len(uw.ARMS) * 6
     assert not HANGUL.search(report)  # any font works
+    assert common.REPORT_STYLE in report  # the demo's stylesheet
     assert "crimson" in report or "scarlet" in report or "ruby" in report
 
 

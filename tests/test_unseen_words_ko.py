@@ -79,6 +79,10 @@ def test_quick_korean_experiment_end_to_end(tmp_path):
     trained = {s.caption for s in iter_image_samples(out / "shards", split="train",
                                                      decode=False)}
     assert all("색상은" in c and "카테고리는" in c for c in trained)
+    # the mixed arm reads every caption style of the labels the shards keep
+    assert any(a.caption_style == "mixed" for a in ko.ARMS)
+    manifest = json.loads((out / "shards/tokens/manifest.json").read_text(encoding="utf-8"))
+    assert manifest["caption_styles"] == ["per-part", "per-attribute", "compact"]
     tests = {c["caption"] for name in ("typed", "english", "mixed")
              for c in summary["captions"][name]}
     assert not trained & tests
@@ -86,6 +90,7 @@ def test_quick_korean_experiment_end_to_end(tmp_path):
         config = json.loads((out / "runs" / f"{arm.name}-s0" / "config.json").read_text(
             encoding="utf-8"))
         assert config["model"]["text_encoder"] == arm.text_encoder
+        assert config["train"]["caption_style"] == arm.caption_style
         assert config["model"]["text_loss_weight"] == 0.0
         assert config["backbone"]["name"] in ("multilingual-e5-small", "hf")
     report = (out / "report.html").read_text(encoding="utf-8")

@@ -77,6 +77,7 @@ def images():
     return torch.nn.functional.interpolate(base, size=32, mode="bilinear").clamp(0, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vq", "gumbel"])
 def test_taming_checkpoint_gives_identical_codes_and_images(kind, images, tmp_path):
     taming = build_taming(kind)

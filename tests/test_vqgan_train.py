@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import warnings
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_image_shard
 from PIL import Image
 
 from kodalle_cli.errors import KodalleError
@@ -30,17 +30,11 @@ def blob_image(rng, size=32):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    import webdataset as wds
-
     root = tmp_path_factory.mktemp("vqshards")
     rng = np.random.default_rng(0)
     for split, n in (("train", 24), ("val", 4)):
-        with wds.TarWriter(str(root / f"{split}-000000.tar"), encoder=False) as w:
-            for i in range(n):
-                buf = io.BytesIO()
-                blob_image(rng).save(buf, format="JPEG", quality=95)
-                w.write({"__key__": f"{split}{i:03d}", "jpg": buf.getvalue(),
-                         "txt": b"caption", "json": b"{}"})
+        write_image_shard(root / f"{split}-000000.tar",
+                          [(f"{split}{i:03d}", blob_image(rng), "caption") for i in range(n)])
     return root
 
 
@@ -61,6 +55,7 @@ def train_rows(out, split="train"):
     return table
 
 
+@pytest.mark.slow
 def test_train_vqgan_writes_taming_compatible_outputs(shards, tmp_path):
     out = tmp_path / "vqgan"
     with pytest.warns(UserWarning, match="without the perceptual loss"):
@@ -102,6 +97,7 @@ def test_train_vqgan_writes_taming_compatible_outputs(shards, tmp_path):
     assert load_vqgan(out / "vqgan.ckpt").identity() == ours.identity()
 
 
+@pytest.mark.slow
 def test_l2_codes_stay_unit_norm_and_taming_picks_the_same_codes(shards, tmp_path):
     """--l2-codes trains on the unit sphere; the saved model is still taming's VQModel, and
     taming's Euclidean nearest code of the raw feature is the code kodalle picks."""
@@ -131,16 +127,34 @@ def test_l2_codes_stay_unit_norm_and_taming_picks_the_same_codes(shards, tmp_pat
 
 
 def test_recipes_set_defaults_that_options_override():
-    cfg = VQGANTrainConfig.from_recipe("small-flat", data="d", lr=None, max_steps=7)
+    cfg = VQGANTrainConfig(recipe="small-flat", data="d", lr=None, max_steps=7)
     assert (cfg.resolution, cfg.ch, cfg.n_embed, cfg.embed_dim, cfg.l2_codes) == (32, 64, 512,
                                                                                  8, True)
     assert cfg.max_steps == 7 and cfg.lr == 5e-4  # None keeps the recipe's value
     assert cfg.model_config().fmap_size == 8
-    assert VQGANTrainConfig.from_recipe("kodalle") == VQGANTrainConfig()
+    kodalle = VQGANTrainConfig()
+    assert (kodalle.recipe, kodalle.resolution, kodalle.n_embed, kodalle.lr) == (
+        "kodalle", 256, 16384, 3.6e-5)
+    assert kodalle.model_config().fmap_size == 16
     with pytest.raises(Exception, match="unknown --recipe"):
-        VQGANTrainConfig.from_recipe("nope")
+        VQGANTrainConfig(recipe="nope")
 
 
+def test_every_recipe_gives_every_setting_whose_default_is_the_recipes():
+    """A field whose default is None means "the recipe's": each recipe names all of them
+    (and nothing else), so no setting is left None by one recipe."""
+    from dataclasses import fields
+
+    from kodalle_cli.configs import VQGAN_RECIPES
+
+    from_recipe = {f.name for f in fields(VQGANTrainConfig)
+                   if f.default is None and "the recipe's" in f.metadata.get("help", "")}
+    assert from_recipe >= {"ch", "ch_mult", "lr", "max_steps", "l2_codes"}
+    for name, recipe in VQGAN_RECIPES.items():
+        assert set(recipe) == from_recipe | {"attn_resolutions"}, name
+
+
+@pytest.mark.slow
 def test_train_vqgan_resume_equals_an_uninterrupted_run(shards, tmp_path):
     """Stopped at step 4 and run again to 6: the same VQGAN, discriminator and metrics as
     one run to 6 (optimizers, codebook usage, RNG and data position are restored)."""

@@ -89,6 +89,13 @@ def caption_from_label(
     return " ".join(sentences)
 
 
+def style_captions(label: Mapping[str, Any], include_style: bool = False) -> list[str]:
+    """The label's caption in every style, in :data:`CAPTION_STYLES` order, whitespace
+    collapsed as ``prepare`` stores it (what ``train --caption-style mixed`` draws from)."""
+    return [" ".join(caption_from_label(label, style, include_style).split())
+            for style in CAPTION_STYLES]
+
+
 def caption_attribute(caption: str, name: str) -> str | None:
     """The value a per-part or per-attribute caption gives attribute ``name`` (its first
     ``{name}은/는 {value}이다`` sentence), or None: ``caption_attribute(c, "색상")``."""

@@ -100,6 +100,12 @@ def labeling(label: Mapping[str, Any]) -> Mapping[str, Any]:
     return block
 
 
+def wrap_labeling(block: Mapping[str, Any]) -> dict:
+    """A ``라벨링`` block (what image shards keep as ``labels``) as the label that holds it
+    (what the readers here and :mod:`~kodalle_cli.data.captions` take)."""
+    return {DATASET_INFO: {DETAIL: {LABELING: block}}}
+
+
 def normalise(value: str) -> str:
     """A value with its whitespace collapsed and its spelling made the usual one."""
     value = " ".join(str(value).split())

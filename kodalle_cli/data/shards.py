@@ -23,7 +23,12 @@ every sample::
 :func:`read_image` for one sample's image. A sample's image is its ``KEY.jpg`` (what
 ``prepare`` writes) or any other of :data:`IMAGE_EXTENSIONS`.
 
-``source`` is a shard directory, a glob (``shards/train-*.tar``), one tar, or a list of tars.
+``source`` is a shard directory, a glob (``shards/train-*.tar``), one tar, or a list of tars;
+or shards elsewhere (:mod:`kodalle_cli.data.urls`): an ``http(s)://`` URL or a ``pipe:``
+command, of one tar or a brace pattern (``https://host/data/train-{000000..000099}.tar``), or
+a folder URL (``https://host/data/``) whose ``manifest.json`` lists them. A remote stream that
+breaks is opened again where it broke, a few times; then the rest of that shard is skipped
+with a warning naming the URL, and counted (``urls.STATS``).
 Inside a torch DataLoader with several workers (or under torch.distributed) each worker
 reads its own share of the shards (webdataset's worker/node info), so wrapping the iterator
 in an ``IterableDataset`` needs no extra code.
@@ -50,6 +55,7 @@ from kodalle_cli.atomic import (
     temp_path,
     write_json_atomic,
 )
+from kodalle_cli.data import urls
 from kodalle_cli.errors import KodalleError
 
 SPLITS = ("train", "val")
@@ -145,13 +151,16 @@ class ImageSample:
 
 def shard_paths(
     source: str | Path | Sequence[str | Path], split: str | None = "train"
-) -> list[Path]:
-    """The shards of ``split`` in ``source`` (directory, glob, tar file or list), sorted.
-    ``split`` only filters a directory (None: every shard in it).
+) -> list[Path | str]:
+    """The shards of ``split`` in ``source`` (directory, glob, tar file or list, or a remote
+    location: see the module docstring), sorted; remote ones are strings. ``split`` only
+    filters a directory, local or a folder URL (None: every shard in it).
 
     Raises KodalleError when there are none."""
     if isinstance(source, list | tuple):
-        paths = [Path(p) for p in source]
+        paths = [p if urls.is_remote(p) else Path(p) for p in source]
+    elif urls.is_remote(source) or isinstance(source, urls.Place) or "{" in str(source):
+        return _remote_paths(source, split)
     else:
         text = str(source)
         p = Path(text)
@@ -161,11 +170,32 @@ def shard_paths(
             paths = [Path(x) for x in sorted(glob.glob(text))]
         else:
             paths = [p] if p.is_file() else []
-    paths = [p for p in paths if p.suffix == ".tar" and not p.name.startswith(".")]
+    paths = [p for p in paths
+             if urls.is_remote(p) or (p.suffix == ".tar" and not p.name.startswith("."))]
     if not paths:
         where = f"{source}" if not isinstance(source, list | tuple) else "the given list"
         hint = " (run `kodalle prepare` first)" if split in SPLITS else ""
         raise KodalleError(f"no {split} shards in {where}{hint}")
+    return paths
+
+
+def _remote_paths(source, split: str | None) -> list[Path | str]:
+    """The shards a URL, ``pipe:`` command or brace pattern names; a folder URL: those of
+    ``split`` its manifest (``manifest.json``, or ``urls.Place.manifest``) lists."""
+    if urls.selected(source) is not None:
+        paths = [x if urls.is_remote(x) else Path(x) for x in urls.expand(str(source))]
+    else:
+        where = urls.manifest_location(source, "manifest.json")
+        try:
+            listed = json.loads(urls.read_utf8(where))["shards"]
+            paths = [urls.join(source, e["name"]) for e in listed
+                     if split is None or e.get("split") == split]
+        except (OSError, ValueError, KeyError, TypeError, KodalleError) as exc:
+            raise KodalleError(
+                f"{source}: cannot list its shards from {where} ({exc}); name them with a "
+                "pattern (.../train-{000000..000009}.tar) or give --manifest") from None
+    if not paths:
+        raise KodalleError(f"no {split} shards in {source}")
     return paths
 
 
@@ -199,7 +229,7 @@ def iter_image_samples(
     For a fixed-size float batch, pass the images to
     :func:`kodalle_cli.data.images.to_tensor`.
     """
-    from webdataset.tariterators import tarfile_samples
+    from webdataset.tariterators import group_by_keys, tar_file_expander
     from webdataset.utils import pytorch_worker_info
 
     paths = [str(p) for p in shard_paths(source, split)]
@@ -214,39 +244,58 @@ def iter_image_samples(
 
     rng = random.Random(seed)
     emitted = 0
+    gone: set[str] = set()  # remote shards lost in an earlier pass: not tried again
     while True:
-        order = list(paths)
+        order = [p for p in paths if p not in gone]
         if shuffle_shards:
             rng.shuffle(order)
         for path in order:
-            samples, last = tarfile_samples([{"url": path}]), ""
-            while True:
-                try:
-                    sample = next(samples)
-                except StopIteration:
-                    break
-                except Exception as exc:  # a truncated or damaged tar: the rest is lost
-                    where = f"after {last}" if last else "from its start"
-                    bad(path, last, f"unreadable tar {where} ({exc}); rest of shard skipped")
-                    break
-                key = last = sample["__key__"]
-                data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-                if data is None:
-                    if on_bad is not None:
-                        on_bad(path, key, f"no image (.{IMAGE_EXTENSION})")
-                    continue
-                try:
-                    image = _decoded(data) if decode else data
-                    caption = sample.get("txt", b"").decode("utf-8")
-                    meta = json.loads(sample["json"]) if "json" in sample else {}
-                except Exception as exc:  # PIL, UnicodeDecodeError, JSONDecodeError
-                    bad(path, key, f"unreadable sample ({type(exc).__name__}: {exc})")
-                    continue
-                yield ImageSample(key=key, image=image, caption=caption, meta=meta,
-                                  shard=sample["__url__"])
-                emitted += 1
-                if limit is not None and emitted >= limit:
-                    return
+            try:
+                stream = urls.open_stream(path)
+            except urls.ShardLost as exc:  # retried: skipped with a warning, counted
+                urls.lost(exc)
+                gone.add(path)
+                continue
+            except OSError as exc:
+                bad(path, "", f"unreadable tar from its start ({exc}); rest of shard skipped")
+                continue
+            with contextlib.closing(stream):  # a pipe: command ends with its shard
+                samples = group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+                last = ""
+                while True:
+                    try:
+                        sample = next(samples)
+                    except StopIteration:
+                        break
+                    except urls.ShardLost as exc:  # retried: the rest is skipped, warned, counted
+                        urls.lost(exc)
+                        gone.add(path)
+                        break
+                    except Exception as exc:  # a truncated or damaged tar: the rest is lost
+                        where = f"after {last}" if last else "from its start"
+                        bad(path, last, f"unreadable tar {where} ({exc}); rest of shard skipped")
+                        break
+                    key = last = sample["__key__"]
+                    data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                    if data is None:
+                        if on_bad is not None:
+                            on_bad(path, key, f"no image (.{IMAGE_EXTENSION})")
+                        continue
+                    try:
+                        image = _decoded(data) if decode else data
+                        caption = sample.get("txt", b"").decode("utf-8")
+                        meta = json.loads(sample["json"]) if "json" in sample else {}
+                    except Exception as exc:  # PIL, UnicodeDecodeError, JSONDecodeError
+                        bad(path, key, f"unreadable sample ({type(exc).__name__}: {exc})")
+                        continue
+                    yield ImageSample(key=key, image=image, caption=caption, meta=meta,
+                                      shard=sample["__url__"])
+                    emitted += 1
+                    if limit is not None and emitted >= limit:
+                        return
+        if repeat and len(gone) == len(paths):
+            raise KodalleError(f"every shard of {source} was lost (their streams kept "
+                               "breaking; see the warnings)")
         if not repeat or not paths:
             return
 

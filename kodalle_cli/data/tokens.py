@@ -6,6 +6,9 @@ Layout (also in docs/architecture.md, "Formats on disk")::
                                          KEY.codes.npy int16 [fmap*fmap] (int32 for codebooks
                                                        larger than 32767)
                                          KEY.txt       the caption, UTF-8
+                                         KEY.styles.npy int32 [styles, text_seq_len]: the
+                                                       caption in every style (K-Fashion
+                                                       shards; ``train --caption-style``)
     shards/tokens/val-000000.tar ...
     shards/tokens/manifest.json          tokenizer hash, VQGAN identity, text_seq_len,
                                          pad_id, image grid, and every shard with its count
@@ -16,6 +19,12 @@ the manifest is written last, so a killed run leaves no shard or manifest that l
 complete). Reading: :class:`TokenBatches`, an ``IterableDataset`` that
 yields whole batches, split by distributed rank and data-loader worker, shuffled from a seed,
 and resumable at any batch: the position is just the number of batches consumed.
+
+Caption styles: token shards made from K-Fashion image shards hold each caption in every
+style ``prepare`` can build (the manifest's ``caption_styles``). :class:`TokenBatches` reads
+the caption ``prepare`` wrote (``as-prepared``), one style, or ``mixed``: a style drawn per
+sample and epoch from ``(seed, epoch, shard)``, so that a resumed run reads what an
+uninterrupted one would.
 
 Damaged shards: :func:`check_shards` reads every shard once before training and checks each
 sample against the manifest (ids of ``text_seq_len``, codes inside the codebook, whole
@@ -41,12 +50,17 @@ import numpy as np
 import torch
 
 from kodalle_cli.atomic import discard, rename_into_place, temp_path, write_json_atomic
+from kodalle_cli.data import urls
+from kodalle_cli.data.captions import CAPTION_STYLES
 from kodalle_cli.data.shards import stats_path
 from kodalle_cli.errors import KodalleError
 
 MANIFEST = "manifest.json"
 FORMAT = "kodalle-tokens"
 SPLITS = ("train", "val")
+AS_PREPARED, MIXED = "as-prepared", "mixed"
+# `train --caption-style`: the shards' caption, a style drawn per sample and epoch, or one style
+TRAIN_CAPTION_STYLES = (AS_PREPARED, MIXED, *CAPTION_STYLES)
 
 
 # ---- identity --------------------------------------------------------------------------------
@@ -159,8 +173,10 @@ class TokenShardsWriter:
         shard_size: int | None = 10000,
         tokenizer: dict | None = None,
         extra: dict | None = None,
+        caption_styles: list[str] | None = None,
     ):
         self.out_dir = Path(out_dir)
+        self.caption_styles = list(caption_styles) if caption_styles else None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.text_seq_len = text_seq_len
         self.num_image_tokens = num_image_tokens
@@ -194,13 +210,23 @@ class TokenShardsWriter:
                                        final)
         return final
 
-    def write(self, split: str, key: str, ids, codes, caption: str) -> None:
+    def write(self, split: str, key: str, ids, codes, caption: str, styles=None) -> None:
+        """One sample; ``styles`` ([len(caption_styles), text_seq_len] ids) is required when
+        the writer was given ``caption_styles`` and refused otherwise."""
         self._check_split(split)
         if "." in key:
             raise ValueError(f"shard keys contain no dots: {key!r}")
         ids = np.asarray(ids)
         if ids.shape != (self.text_seq_len,):
             raise ValueError(f"ids of {key} have shape {ids.shape}, want ({self.text_seq_len},)")
+        if (styles is None) != (self.caption_styles is None):
+            raise ValueError(f"{key}: styles are given exactly when the writer has "
+                             "caption_styles")
+        if styles is not None:
+            styles = np.asarray(styles)
+            want = (len(self.caption_styles), self.text_seq_len)
+            if styles.shape != want:
+                raise ValueError(f"styles of {key} have shape {styles.shape}, want {want}")
         codes = np.asarray(codes).reshape(-1)
         if codes.shape[0] != self.image_fmap_size**2:
             raise ValueError(f"codes of {key}: {codes.shape[0]} != {self.image_fmap_size}^2")
@@ -209,12 +235,15 @@ class TokenShardsWriter:
         if split not in self._open:
             self.open_shard(split)
         shard = self._open[split]
-        shard.writer.write({
+        sample = {
             "__key__": key,
             "ids.npy": _npy_bytes(ids.astype(np.int32)),
             "codes.npy": _npy_bytes(codes.astype(self.codes_dtype)),
             "txt": caption.encode("utf-8"),
-        })
+        }
+        if styles is not None:
+            sample["styles.npy"] = _npy_bytes(styles.astype(np.int32))
+        shard.writer.write(sample)
         shard.count += 1
         if self.shard_size is not None and shard.count >= self.shard_size:
             self.finish_shard(split)
@@ -253,6 +282,7 @@ class TokenShardsWriter:
             "tokenizer_hash": self.tokenizer_hash,
             "vqgan": self.vqgan,
             **({"tokenizer": self.tokenizer} if self.tokenizer is not None else {}),
+            **({"caption_styles": self.caption_styles} if self.caption_styles else {}),
             "splits": {
                 s: {"count": sum(x["count"] for x in v), "shards": v}
                 for s, v in self.shards.items()
@@ -287,16 +317,21 @@ class TokenShardsWriter:
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def read_manifest(root: str | Path) -> dict:
-    """The manifest of a token-shard directory (one clear error when it is not one)."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+def read_manifest(root: str | Path | urls.Place) -> dict:
+    """The manifest of token shards (one clear error when there is none): in a folder, in
+    the same place as a URL, pattern or ``pipe:`` command, or given apart (``urls.Place``).
+    A pattern keeps the manifest's shards it names."""
+    path = urls.manifest_location(root, MANIFEST)
+    if not urls.is_remote(path) and not Path(path).is_file():
         raise KodalleError(
             f"{root} has no {MANIFEST}: not a token-shard directory "
             "(run `kodalle tokenize` on image shards first, or pass --vqgan)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(urls.read_utf8(path))
+    except urls.ShardLost as exc:
+        raise KodalleError(f"cannot read the token manifest {exc}: check the address, or "
+                           "give the manifest with --manifest") from None
     except (OSError, ValueError) as exc:
         raise KodalleError(f"{path} is unreadable ({exc}): re-run `kodalle tokenize`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -305,6 +340,12 @@ def read_manifest(root: str | Path) -> dict:
                if k not in manifest]
     if missing:
         raise KodalleError(f"{path} lacks {', '.join(missing)}: re-run `kodalle tokenize`")
+    picked = urls.selected(root)
+    if picked is not None and isinstance(manifest["splits"], dict):  # a pattern: its shards
+        manifest["splits"] = {
+            split: {"count": sum(int(e["count"]) for e in kept), "shards": kept}
+            for split, info in manifest["splits"].items()
+            for kept in [[e for e in info.get("shards", []) if e.get("name") in picked]]}
     return manifest
 
 
@@ -363,7 +404,7 @@ def _tar_samples(path: Path) -> tuple[list[dict], str | None]:
     samples: list[dict] = []
     current: dict | None = None
     try:
-        data = Path(path).read_bytes()
+        data = urls.read_bytes(path)  # a remote one retried, then urls.ShardLost
         for name, body in _tar_members(data):
             match = _MEMBER.match(name)
             if match is None:
@@ -384,9 +425,11 @@ def _tar_samples(path: Path) -> tuple[list[dict], str | None]:
 def _parse(raw: dict, manifest: dict, num_text_tokens: int | None) -> tuple[dict | None, str]:
     """A token sample, checked against the manifest (and the model's vocabulary), or
     ``(None, why it is bad)``."""
+    styles_wanted = len(manifest.get("caption_styles") or ())
     try:
         ids = _npy_load(raw["ids.npy"]) if "ids.npy" in raw else None
         codes = _npy_load(raw["codes.npy"]) if "codes.npy" in raw else None
+        styles = _npy_load(raw["styles.npy"]) if styles_wanted and "styles.npy" in raw else None
     except (ValueError, OSError, EOFError) as exc:
         return None, f"unreadable .npy ({exc})"
     if ids is None or codes is None:
@@ -404,12 +447,25 @@ def _parse(raw: dict, manifest: dict, num_text_tokens: int | None) -> tuple[dict
     if codes.min() < 0 or codes.max() >= codebook:
         return None, (f"{OUT_OF_RANGE} [0, {codebook}): "
                       f"{codes.min()}..{codes.max()}")
+    if styles_wanted:
+        if styles is None:
+            return None, "no styles.npy (the manifest lists caption styles)"
+        if not np.issubdtype(styles.dtype, np.integer) or styles.shape != (styles_wanted,
+                                                                             length):
+            return None, (f"styles.npy has shape {styles.shape} ({styles.dtype}), the manifest "
+                          f"says ({styles_wanted}, {length})")
+        if styles.min() < 0 or (vocab is not None and styles.max() >= vocab):
+            return None, (f"styles.npy ids outside the vocabulary [0, {vocab}): "
+                          f"{styles.min()}..{styles.max()}")
     try:
         text = raw["txt"].decode("utf-8") if "txt" in raw else ""
     except UnicodeDecodeError:
         return None, "txt is not UTF-8"
-    return {"key": raw["__key__"], "ids": ids.astype(np.int64),
-            "codes": codes.astype(np.int64), "txt": text}, ""
+    sample = {"key": raw["__key__"], "ids": ids.astype(np.int64),
+              "codes": codes.astype(np.int64), "txt": text}
+    if styles is not None:
+        sample["styles"] = styles.astype(np.int64)
+    return sample, ""
 
 
 @dataclass
@@ -424,30 +480,30 @@ def good_samples(path: str | Path, manifest: dict, *, expected: int | None = Non
     """The samples of one token shard that fit ``manifest`` (and a vocabulary of
     ``num_text_tokens``), in file order, and the bad ones with their reasons; ``expected``
     (the manifest's count) turns samples lost to a truncated tar into bad ones too."""
-    path = Path(path)
+    path = path if urls.is_remote(path) else Path(path)
     raws, damage = _tar_samples(path)
     good, bad = [], []
     for raw in raws:
         sample, why = _parse(raw, manifest, num_text_tokens)
         if sample is None:
-            bad.append(BadSample(path.name, raw["__key__"], why))
+            bad.append(BadSample(urls.name(path), raw["__key__"], why))
         else:
             good.append(sample)
     lost = (expected - len(raws)) if expected is not None else 0
     if damage is not None or lost > 0:
         why = damage or "the tar ends early"
-        if not path.is_file():
+        if not urls.exists(path):
             why = "the file is missing"
         after = f"after {raws[-1]['__key__']}" if raws else "from its start"
-        bad.extend(BadSample(path.name, "", f"sample lost {after}: {why}")
+        bad.extend(BadSample(urls.name(path), "", f"sample lost {after}: {why}")
                    for _ in range(max(lost, 1 if damage else 0)))
     return good, bad
 
 
 def read_shard(path: str | Path) -> list[dict]:
     """Every sample of one token shard: {"key", "ids" int64 [T], "codes" int64 [N], "txt"}
-    (no checks: see :func:`good_samples`)."""
-    raws, damage = _tar_samples(Path(path))
+    and "styles" int64 [S, T] when it has them (no checks: see :func:`good_samples`)."""
+    raws, damage = _tar_samples(path)
     if damage is not None:
         raise KodalleError(f"{path} is {damage}")
     samples = []
@@ -457,6 +513,8 @@ def read_shard(path: str | Path) -> list[dict]:
             "ids": _npy_load(raw["ids.npy"]).astype(np.int64),
             "codes": _npy_load(raw["codes.npy"]).astype(np.int64),
             "txt": raw["txt"].decode("utf-8") if "txt" in raw else "",
+            **({"styles": _npy_load(raw["styles.npy"]).astype(np.int64)}
+               if "styles.npy" in raw else {}),
         })
     return samples
 
@@ -477,27 +535,21 @@ class SplitCheck:
     out_of_range: dict[str, int] = field(default_factory=dict)  # shard -> such bad samples
     read: int = 0  # shards read by this check
     reused: int = 0  # shards whose cached result was taken (unchanged since)
+    lost: list[str] = field(default_factory=list)  # remote shards whose stream broke: skipped
 
     @property
     def good(self) -> int:
         return sum(self.counts.values())
 
     def metrics(self, split: str) -> dict[str, int]:
-        """What metrics.csv records: skipped samples, and samples with codes outside the
-        codebook in all and per shard (``{split}_out_of_range/{shard}``)."""
-        out = {f"{split}_skipped": len(self.bad),
+        """What metrics.csv records: skipped samples, remote shards skipped because their
+        stream broke, and samples with codes outside the codebook in all and per shard
+        (``{split}_out_of_range/{shard}``)."""
+        out = {f"{split}_skipped": len(self.bad), f"{split}_shards_lost": len(self.lost),
                f"{split}_out_of_range": sum(self.out_of_range.values())}
         out.update({f"{split}_out_of_range/{name}": n
                     for name, n in sorted(self.out_of_range.items()) if n})
         return out
-
-
-def _stamp(path: Path) -> dict | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _check_context(manifest: dict, num_text_tokens: int | None) -> dict:
@@ -523,8 +575,8 @@ def read_check_cache(path: Path, context: dict) -> dict[str, dict]:
 def _cached_result(entry, stamp: dict | None, expected: int) -> dict | None:
     if not isinstance(entry, dict) or stamp is None:
         return None
-    if (entry.get("size"), entry.get("mtime_ns"), entry.get("expected")) != (
-            stamp["size"], stamp["mtime_ns"], expected):
+    # a local file's size and mtime, an HTTP one's size and ETag or Last-Modified (urls.stamp)
+    if entry.get("expected") != expected or any(entry.get(k) != v for k, v in stamp.items()):
         return None
     if not isinstance(entry.get("good"), int) or not isinstance(entry.get("bad"), list):
         return None
@@ -554,7 +606,7 @@ def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
     if mode not in CHECK_MODES:
         raise ConfigError("check_shards", mode, f"must be one of {', '.join(CHECK_MODES)}")
     report = report or warn
-    root = Path(root)
+    root = root if isinstance(root, urls.Place) or urls.is_remote(root) else Path(root)
     manifest = read_manifest(root)
     context = _check_context(manifest, num_text_tokens)
     cache = Path(cache) if cache is not None else None
@@ -570,9 +622,9 @@ def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
                 if mode == "off":
                     check.counts[name] = expected
                     continue
-                path = root / name
-                key = str(path.resolve())
-                stamp = _stamp(path)  # before reading: a shard changed meanwhile is read again
+                path = urls.join(root, name)
+                key = urls.cache_key(path)  # a URL: itself; pipe: has no stamp, never cached
+                stamp = urls.stamp(path)  # before reading: a shard changed meanwhile is read again
                 cached = _cached_result(old.get(key), stamp, expected)
                 if cached is not None:
                     good = cached["good"]
@@ -580,8 +632,14 @@ def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
                              for b in cached["bad"] if isinstance(b, dict)]
                     check.reused += 1
                 else:
-                    samples, wrong = good_samples(path, manifest, expected=expected,
-                                                  num_text_tokens=num_text_tokens)
+                    try:
+                        samples, wrong = good_samples(path, manifest, expected=expected,
+                                                      num_text_tokens=num_text_tokens)
+                    except urls.ShardLost as exc:  # retried: skipped, warned, counted
+                        urls.lost(exc, report)
+                        check.lost.append(exc.url)
+                        check.counts[name] = 0
+                        continue
                     good = len(samples)
                     check.read += 1
                 check.counts[name] = good
@@ -595,7 +653,8 @@ def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
             bad = check.bad
             shown = 20
             for b in bad[:shown]:
-                report(f"{root / b.shard}{': ' + b.key if b.key else ''}: {b.reason}; skipped")
+                report(f"{urls.join(root, b.shard)}{': ' + b.key if b.key else ''}: {b.reason}; "
+                       "skipped")
             if len(bad) > shown:
                 report(f"{len(bad) - shown} more bad {split} samples in {root}; skipped")
             if bad and len(bad) > max_bad_fraction * max(check.listed, 1):
@@ -608,7 +667,7 @@ def check_shards(root: str | Path, *, num_text_tokens: int | None = None,
     finally:  # what was found stays found, a refused run included
         if cache is not None and write_cache and mode != "off":
             with contextlib.suppress(OSError):  # a cache that cannot be written: checked again
-                write_json_atomic(cache, {"context": context, "root": str(root.resolve()),
+                write_json_atomic(cache, {"context": context, "root": urls.cache_key(str(root)),
                                           "shards": found})
     return checks
 
@@ -646,9 +705,35 @@ def check_vqgan(manifest: dict, vqgan, where: str | Path, what: str = "the VQGAN
         )
 
 
+MIXED_INDEX = -1  # style_index of `mixed`
+
+
+def style_index(manifest: dict, caption_style: str, where: str | Path) -> int | None:
+    """What ``train --caption-style`` reads: None (the caption ``prepare`` wrote), the index
+    of one of the manifest's ``caption_styles``, or :data:`MIXED_INDEX`; one line for a style
+    these shards cannot give."""
+    if caption_style not in TRAIN_CAPTION_STYLES:
+        raise KodalleError(f"--caption-style must be one of {', '.join(TRAIN_CAPTION_STYLES)}, "
+                           f"not {caption_style!r}")
+    if caption_style == AS_PREPARED:
+        return None
+    styles = manifest.get("caption_styles") or []
+    if not styles:
+        raise KodalleError(
+            f"--caption-style {caption_style}: the token shards in {where} hold one caption per "
+            "sample; caption styles need K-Fashion image shards (`kodalle prepare --format "
+            "kfashion`) tokenized by this version of `kodalle tokenize`")
+    if caption_style == MIXED:
+        return MIXED_INDEX
+    if caption_style not in styles:
+        raise KodalleError(f"--caption-style {caption_style}: the token shards in {where} hold "
+                           f"{', '.join(styles)}")
+    return styles.index(caption_style)
+
+
 @dataclass
 class _Shard:
-    path: Path
+    path: Path | str  # a URL or pipe: command for remote shards
     count: int
 
 
@@ -667,6 +752,10 @@ class TokenBatches(torch.utils.data.IterableDataset):
     Samples that do not fit the manifest (see :func:`good_samples`) are left out: pass
     ``counts``, the good samples per shard from :func:`check_shards`, so that positions
     count good samples only (without it, a shard must hold what the manifest says).
+
+    ``caption_style`` (see :data:`TRAIN_CAPTION_STYLES`): which caption of a sample is read;
+    ``mixed`` draws one of the manifest's ``caption_styles`` per sample and epoch from
+    ``(seed, epoch, shard)``, independent of ranks and workers.
     """
 
     def __init__(
@@ -682,13 +771,16 @@ class TokenBatches(torch.utils.data.IterableDataset):
         shuffle: bool = True,
         counts: dict[str, int] | None = None,
         num_text_tokens: int | None = None,
+        caption_style: str = AS_PREPARED,
     ):
         super().__init__()
-        self.root = Path(root)
+        self.root = root if isinstance(root, urls.Place) or urls.is_remote(root) else Path(root)
         self.manifest = read_manifest(root)
+        self.style_index = style_index(self.manifest, caption_style, root)
         info = self.manifest["splits"].get(split, {"shards": []})
         counts = counts or {}
-        self.shards = [_Shard(self.root / s["name"], int(counts.get(s["name"], s["count"])))
+        self.shards = [_Shard(urls.join(self.root, s["name"]),
+                              int(counts.get(s["name"], s["count"])))
                        for s in info["shards"]]
         self.num_text_tokens = num_text_tokens
         self.shards = [s for s in self.shards if s.count > 0]
@@ -715,6 +807,17 @@ class TokenBatches(torch.utils.data.IterableDataset):
         if not self.shuffle:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch, shard]).permutation(n)
+
+    def _styles(self, epoch: int, shard: int) -> np.ndarray | None:
+        """Per sample of ``shard`` (file order): the index of the caption style read in
+        ``epoch``, or None for the caption ``prepare`` wrote."""
+        if self.style_index is None:
+            return None
+        n = self.shards[shard].count
+        if self.style_index == MIXED_INDEX:
+            k = len(self.manifest["caption_styles"])
+            return np.random.default_rng([self.seed, epoch, shard, 1]).integers(k, size=n)
+        return np.full(n, self.style_index)
 
     def _plan(self, epoch: int, slot: int, slots: int) -> list[tuple[int, np.ndarray]]:
         """(shard, positions within the shuffled shard) that this slot reads in ``epoch``."""
@@ -746,8 +849,13 @@ class TokenBatches(torch.utils.data.IterableDataset):
                 if skip >= len(positions):
                     skip -= len(positions)
                     continue
-                samples, _ = good_samples(self.shards[shard].path, self.manifest,
-                                          num_text_tokens=self.num_text_tokens)
+                try:
+                    samples, _ = good_samples(self.shards[shard].path, self.manifest,
+                                              num_text_tokens=self.num_text_tokens)
+                except urls.ShardLost as exc:  # retried: skipped with a warning, counted
+                    urls.lost(exc)
+                    skip = 0
+                    continue
                 if len(samples) != self.shards[shard].count:
                     raise KodalleError(
                         f"{self.shards[shard].path} has {len(samples)} good samples, "
@@ -755,8 +863,12 @@ class TokenBatches(torch.utils.data.IterableDataset):
                         "checked, or it is damaged (train checks the shards first)"
                     )
                 order = self._sample_order(epoch, shard)
+                styles = self._styles(epoch, shard)
                 for i in positions[skip:]:
-                    yield samples[order[i]]
+                    sample = samples[order[i]]
+                    if styles is not None:
+                        sample = {**sample, "ids": sample["styles"][styles[order[i]]]}
+                    yield sample
                 skip = 0
             epoch += 1
 
@@ -787,8 +899,13 @@ def iter_split(root: str | Path, split: str = "val", limit: int | None = None,
     manifest = read_manifest(root)
     n = 0
     for shard in manifest["splits"].get(split, {"shards": []})["shards"]:
-        for sample in good_samples(Path(root) / shard["name"], manifest,
-                                   num_text_tokens=num_text_tokens)[0]:
+        try:
+            samples = good_samples(urls.join(root, shard["name"]), manifest,
+                                   num_text_tokens=num_text_tokens)[0]
+        except urls.ShardLost as exc:  # retried: skipped with a warning, counted
+            urls.lost(exc)
+            continue
+        for sample in samples:
             if limit is not None and n >= limit:
                 return
             yield sample

@@ -1,6 +1,7 @@
 """What the experiments share: the synthetic garments' colours, categories and palette, the
-stages timer, images as data URIs, the timings table, and the VQGAN check (the most a DALLE
-on its codes can show). Only modules in ``kodalle_cli.experiments`` import this."""
+stages timer, the reports' head and stylesheet, images as data URIs, the timings table, and
+the VQGAN check (the most a DALLE on its codes can show). Only modules in
+``kodalle_cli.experiments`` import this."""
 
 from __future__ import annotations
 
@@ -75,6 +76,24 @@ class Stages:
         yield
         self.timings[name] = time.perf_counter() - start
         console.print(f"[green]done[/green] {name} in {self.timings[name]:.1f} s")
+
+
+# The reports' one stylesheet: Korean fonts where the system has them, ruled tables, images
+# drawn pixel for pixel, caption lines (.cap) and notes (.small)
+REPORT_STYLE = (
+    "<style>body{font-family:system-ui,-apple-system,'Segoe UI','Noto Sans KR',"
+    "'Noto Sans CJK KR','Apple SD Gothic Neo','Malgun Gothic','NanumGothic',sans-serif;"
+    "max-width:1200px;margin:2em auto}"
+    "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left;font-size:14px}"
+    "img{image-rendering:pixelated}.cap{font-size:14px;margin:.8em 0 .2em}"
+    ".small{font-size:12px;color:#555}</style>"
+)
+
+
+def report_head(title: str, lang: str) -> str:
+    """A report page's start: UTF-8, its language, its title and :data:`REPORT_STYLE`."""
+    return (f"<!doctype html><html lang='{lang}'><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title>{REPORT_STYLE}")
 
 
 def png(image) -> str:

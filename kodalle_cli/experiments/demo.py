@@ -52,6 +52,7 @@ from kodalle_cli.experiments.common import (
     console,
     file_png,
     png,
+    report_head,
     timings_html,
     vqgan_check,
 )
@@ -223,8 +224,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         if not (vqgan_dir / "model.safetensors").is_file():
             with warnings.catch_warnings():  # offline: no LPIPS weights, and it says so
                 warnings.filterwarnings("ignore", message="no --lpips-weights")
-                train_vqgan(VQGANTrainConfig.from_recipe(
-                    "small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
+                train_vqgan(VQGANTrainConfig(
+                    recipe="small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
                     max_steps=size.vqgan_steps, seed=cfg.seed, progress=cfg.progress,
                     resume=(vqgan_dir / "checkpoints").is_dir(),
                     save_every=max(size.vqgan_steps // 3, 1),
@@ -434,12 +435,7 @@ def write_report(result: DemoResult, cfg: DemoConfig, results: dict, judged: dic
     esc = html.escape
     size = cfg.size
     parts = [
-        "<!doctype html><html lang='ko'><meta charset='utf-8'><title>kodalle demo</title>",
-        "<style>body{font-family:system-ui,-apple-system,'Segoe UI','Noto Sans KR',"
-        "'Noto Sans CJK KR','Apple SD Gothic Neo','Malgun Gothic','NanumGothic',sans-serif;"
-        "max-width:1100px;margin:2em auto}"
-        "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}"
-        "img{image-rendering:pixelated}.cap{font-size:14px;margin:.8em 0 .2em}</style>",
+        report_head("kodalle demo", "ko"),
         "<h1>kodalle demo</h1>",
         "<p>A small KoDALLE trained from nothing on synthetic K-Fashion data "
         f"({'quick' if cfg.quick else 'full'} size, {cfg.image_size} px, 8x8 VQGAN codes). "

@@ -50,7 +50,14 @@ from kodalle_cli.atomic import replacing, write_json_atomic, write_text_atomic
 from kodalle_cli.data import synthetic
 from kodalle_cli.errors import KodalleError
 from kodalle_cli.experiments import faithfulness as fa
-from kodalle_cli.experiments.common import PALETTE, Stages, png, timings_html, vqgan_check
+from kodalle_cli.experiments.common import (
+    PALETTE,
+    Stages,
+    png,
+    report_head,
+    timings_html,
+    vqgan_check,
+)
 
 console = Console()
 
@@ -114,6 +121,8 @@ class Arm:
     frozen: bool
     title: str
     text_encoder: str = "tables"  # or "contextual": the backbone's whole LM, frozen
+    caption_style: str = "as-prepared"  # or "mixed" (K-Fashion data: train --caption-style)
+    null_caption: str = "pad"  # contextual: or "learned" (train --null-caption)
 
 
 ARMS: tuple[Arm, ...] = (
@@ -357,6 +366,10 @@ class Study:
     quick: UnseenSize
     text_seq_len: int
     text_loss_weight: float = 1.0
+    # "jsonl": captions from training_caption; "kfashion": the garments' labels through
+    # `prepare --format kfashion` (per-part captions; the shards keep the labels, so arms may
+    # train on every caption style)
+    data_format: str = "jsonl"
 
     def label(self, what: str, key: str | None) -> str:
         return english_colour(key) if what == "colour" else english_category(key)
@@ -423,12 +436,20 @@ def english_training_caption(item, seed: int) -> str:
 
 
 def write_data(raw: Path, shards: Path, samples: int, seed: int, image_size: int,
-               progress: bool, caption_of=english_training_caption) -> dict:
+               progress: bool, caption_of=english_training_caption,
+               fmt: str = "jsonl") -> dict:
     """Synthetic garments with captions (``caption_of(item, seed)``): a jsonl manifest next to
-    the images, then ``prepare`` (the one shard writer) with a 10% validation split. Returns
-    the manifest."""
+    the images, then ``prepare`` (the one shard writer) with a 10% validation split; or, with
+    ``fmt="kfashion"``, the garments' K-Fashion labels through ``prepare --format kfashion``
+    (per-part captions, labels kept in the shards). Returns the manifest."""
     from kodalle_cli.data.prepare import PrepareConfig, prepare
 
+    if fmt == "kfashion":
+        if not (shards / "manifest.json").is_file():
+            synthetic.generate(raw / "images", samples, size=64, seed=seed, combos=combos())
+        return prepare(PrepareConfig(source=raw / "images", out=shards, format="kfashion",
+                                     image_size=image_size, val_fraction=0.1, shard_size=2000,
+                                     workers=2, progress=progress))
     manifest = raw / "captions.jsonl"
     if not manifest.is_file():
         items = synthetic.generate(raw / "images", samples, size=64, seed=seed, combos=combos())
@@ -665,7 +686,7 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
 
     with stage(f"1. synthetic garments, {study.language_name} captions -> shards"):
         write_data(raw, shards, size.samples, cfg.seed, cfg.image_size, cfg.progress,
-                   caption_of=study.training_caption)
+                   caption_of=study.training_caption, fmt=study.data_format)
 
     vqgan_dir = runs / "vqgan"
     with stage("2. train vqgan (small-flat recipe, shared by every arm)"):
@@ -675,8 +696,8 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                 options = {"max_steps": size.vqgan_steps} if size.vqgan_steps else {}
                 if size.vqgan_steps:
                     options["save_every"] = size.vqgan_steps
-                train_vqgan(VQGANTrainConfig.from_recipe(
-                    "small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
+                train_vqgan(VQGANTrainConfig(
+                    recipe="small-flat", data=shards, out=vqgan_dir, resolution=cfg.image_size,
                     seed=cfg.seed, progress=cfg.progress,
                     resume=(vqgan_dir / "checkpoints").is_dir(), **options))
 
@@ -684,6 +705,8 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
     with stage("3. backbones, tokenize, token check"):
         from transformers import AutoTokenizer
 
+        from kodalle_cli.data.captions import style_captions
+        from kodalle_cli.data.kfashion import wrap_labeling
         from kodalle_cli.data.shards import iter_image_samples
 
         backbones = {study.backbone: {s: pretrained for s in size.seeds}}
@@ -695,8 +718,12 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                                 text_seq_len=cfg.seq_len, batch_size=64, device=cfg.device,
                                 progress=cfg.progress))
         tokenizer = AutoTokenizer.from_pretrained(pretrained)
-        trained_captions = [s.caption for s in iter_image_samples(shards, split="train",
-                                                                  decode=False)]
+        trained_captions = []
+        mixed = any(arm.caption_style != "as-prepared" for arm in arms_run)
+        for s in iter_image_samples(shards, split="train", decode=False):
+            trained_captions.append(s.caption)
+            if mixed and isinstance(s.meta.get("labels"), dict):  # every style is trained on
+                trained_captions.extend(style_captions(wrap_labeling(s.meta["labels"])))
         check = study.token_check(tokenizer, trained_captions)
         if study.strict_token_check:
             if not check["disjoint"]:
@@ -719,6 +746,7 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                     vqgan=str(vqgan_dir), dim=size.dalle_dim, depth=size.dalle_depth, heads=4,
                     dim_head=32, text_seq_len=cfg.seq_len, freeze_text_emb=arm.frozen,
                     text_encoder=arm.text_encoder, text_loss_weight=study.text_loss_weight,
+                    caption_style=arm.caption_style, null_caption=arm.null_caption,
                     cond_drop=0.1, lr=cfg.lr, weight_decay=3e-3,
                     warmup_steps=min(30, size.dalle_steps // 10), batch_size=cfg.batch_size,
                     max_steps=size.dalle_steps, seed=seed, save_every=size.dalle_steps,
@@ -923,11 +951,7 @@ def write_report(result: UnseenResult, cfg: UnseenConfig, arms: dict, comparison
     size, study = cfg.size, cfg.study
     seeds = ", ".join(map(str, size.seeds))
     parts = [
-        "<!doctype html><html lang='en'><meta charset='utf-8'>"
-        "<title>kodalle: captions with unseen words</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto}"
-        "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:left;font-size:14px}"
-        "img{image-rendering:pixelated}.small{font-size:12px;color:#555}</style>",
+        report_head("kodalle: captions with unseen words", "en"),
         "<h1>Captions with words never seen in training</h1>",
         f"<p>{esc(study.question)} Backbone: {esc(study.backbone_title)}, "
         f"{study.language_name} captions. {len(arms)} arms with the same data, steps and "

@@ -18,7 +18,13 @@ that module's), with a real multilingual language model that covers Hangul
   - ``mixed``: the training grammar with one typed word (the colour or the category);
 
 - **arms**: e5 tables trained and frozen, random tables of the same shape trained and
-  frozen, and e5 contextual (the whole language model, frozen), two seeds each. Every arm
+  frozen, e5 contextual (the whole language model, frozen) with the null caption (dropped
+  captions, guidance's unconditional rows) read as a lone pad token or learned
+  (``--null-caption``), and e5 frozen tables trained on
+  every caption style ``prepare`` can build (``train --caption-style mixed``: per-part,
+  per-attribute or compact, drawn per sample and epoch), two seeds each. The garments go
+  through ``prepare --format kfashion`` so that the shards keep their labels; 50 caption
+  tokens hold the longest style (per-attribute, up to 49 e5 tokens). Every arm
   trains without a text head (``--text-loss-weight 0``): with e5's 250,037-token vocabulary
   the text logits were most of a step's cost (10.8 s against 3.1 s per step at batch 32 in a
   measurement with other work on the machine; docs/benchmarks.md).
@@ -168,9 +174,14 @@ ARMS: tuple[Arm, ...] = (
     Arm("random-trained", "random", False, "random tables, trained"),
     Arm("random-frozen", "random", True, "random tables, frozen"),
     Arm("e5-contextual", "e5", True, "e5, contextual (the whole LM, frozen)", "contextual"),
+    Arm("e5-contextual-null", "e5", True, "e5, contextual, learned null caption",
+        "contextual", null_caption="learned"),
+    Arm("e5-frozen-mixed", "e5", True, "e5 tables, frozen, caption styles mixed", "tables",
+        "mixed"),
 )
 COMPARISONS = (("e5-trained", "random-trained"), ("e5-frozen", "random-frozen"),
-               ("e5-contextual", "e5-frozen"), ("e5-contextual", "random-frozen"))
+               ("e5-contextual", "e5-frozen"), ("e5-contextual", "random-frozen"),
+               ("e5-contextual-null", "e5-contextual"), ("e5-frozen-mixed", "e5-frozen"))
 # 2 cores, <= 40 minutes: the small-flat VQGAN (its recipe's 2000 steps), 10 trainings
 # (a trained-table step costs about 3x a frozen one: fused AdamW over e5's 96M-value token
 # table), 144 captions x 3 images per model
@@ -202,5 +213,5 @@ KOREAN = Study(
         "typed_templates": list(TYPED_TEMPLATES),
         "english_templates": list(ENGLISH_TEMPLATES),
     },
-    full=FULL, quick=QUICK, text_seq_len=40, text_loss_weight=0.0,
+    full=FULL, quick=QUICK, text_seq_len=50, text_loss_weight=0.0, data_format="kfashion",
 )

@@ -64,8 +64,10 @@ The text encoder (``text_encoder``):
   and never part of the model's parameters or checkpoints); the hidden states of layer
   ``text_layer`` for the caption ids go through a learned projection to ``dim`` and become
   text positions ``1..T``; position 0 is a learned start vector. No text loss (nothing to
-  predict), no text tables. The image half, the KV cache and guidance are unchanged; the
-  null caption (all padding) is the LM's states of a lone pad token.
+  predict), no text tables. The image half, the KV cache and guidance are unchanged. The
+  null caption (all padding: dropped captions in training, guidance's unconditional rows)
+  is the LM's states of a lone pad token (``null_caption="pad"``) or a learned
+  ``[T, text_dim]`` table (``"learned"``).
 
 Generation uses a preallocated key/value cache (:class:`KVCache`)::
 
@@ -92,6 +94,7 @@ from kodalle_cli.errors import ConfigError
 
 ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 TEXT_ENCODERS = ("tables", "contextual")
+NULL_CAPTIONS = ("pad", "learned")  # contextual: what an all-padding caption reads as
 CONV_KERNEL, CONV_DILATION = 5, 1  # DALLE-pytorch's conv_like window (its Transformer's)
 
 
@@ -123,6 +126,7 @@ class DALLEConfig:
     text_loss_weight: float = 1.0  # 0: no text head
     text_encoder: str = "tables"  # tables | contextual
     text_layer: int = -1  # contextual: which hidden states (-1 the last, 0 the embeddings)
+    null_caption: str = "pad"  # contextual: the LM's states of a lone pad token, or learned
 
     def __post_init__(self):
         types = self.attn_types
@@ -141,6 +145,12 @@ class DALLEConfig:
                               f"choose {' or '.join(TEXT_ENCODERS)}")
         if not (self.text_loss_weight >= 0 and math.isfinite(self.text_loss_weight)):
             raise ConfigError("text_loss_weight", self.text_loss_weight, "must be 0 or more")
+        if self.null_caption not in NULL_CAPTIONS:
+            raise ConfigError("null_caption", self.null_caption,
+                              f"choose {' or '.join(NULL_CAPTIONS)}")
+        if self.null_caption == "learned" and not self.contextual:
+            raise ConfigError("null_caption", self.null_caption, "a learned null caption is "
+                              "for --text-encoder contextual (tables learn the pad row)")
         if self.contextual and self.unique_pad_tokens:
             raise ConfigError("text_encoder", self.text_encoder, "contextual text does not "
                               "take DALLE-pytorch's unique padding tokens")
@@ -510,11 +520,14 @@ class DALLE(nn.Module):
             self.text_emb = self.text_pos_emb = None
             self.text_bos = nn.Parameter(torch.randn(text_dim) * 0.02)
             self.text_proj = nn.Linear(text_dim, cfg.dim)
+            self.text_null = (nn.Parameter(torch.randn(cfg.text_seq_len, text_dim) * 0.02)
+                              if cfg.null_caption == "learned" else None)
         else:
             self.text_emb = nn.Embedding(cfg.text_emb_rows, text_dim)
             self.text_pos_emb = nn.Embedding(cfg.text_seq_len + 1, text_dim) if tables else None
             self.text_proj = (nn.Linear(text_dim, cfg.dim) if text_dim != cfg.dim
                               else nn.Identity())
+            self.text_null = None
         self.text_encoder = None  # contextual: a ContextualText, set by attach_text_encoder
         self.image_emb = nn.Embedding(cfg.num_image_tokens, cfg.dim)
         # axial position embedding: row + column tables, summed
@@ -581,6 +594,9 @@ class DALLE(nn.Module):
                 raise RuntimeError("a contextual model needs its language model: "
                                    "model.attach_text_encoder(ContextualText(...))")
             states = self.text_encoder(text).to(self.text_bos.dtype)
+            if self.text_null is not None:  # all-padding captions read the learned null
+                null = (text == self.config.pad_id).all(dim=1)[:, None, None]
+                states = torch.where(null, self.text_null.to(states.dtype), states)
             start = self.text_bos.expand(text.shape[0], 1, -1)
             return self.text_proj(torch.cat((start, states), dim=1))
         text = F.pad(self.text_targets(text), (1, 0), value=self.config.bos_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kodalle_cli.configs import RerankerTrainConfig
+from kodalle_cli.data import urls
 from kodalle_cli.rerank.model import Reranker, preprocess_images
 from kodalle_cli.train.trainer import Task
 
@@ -94,13 +95,15 @@ class RerankerTask(Task):
     def __init__(self, model: Reranker, cfg: RerankerTrainConfig):
         self.model = model
         self.cfg = cfg
-        self.val_images, self.val_captions = load_val_pairs(cfg.data, cfg.eval_samples)
+        self.val_images, self.val_captions = load_val_pairs(
+            urls.source(cfg.data, cfg.manifest), cfg.eval_samples)
 
     def train_batches(self, start: int, rank: int, world_size: int) -> Iterator[dict]:
         # the sample order depends only on the seed, so resuming skips `start` batches of
         # undecoded samples (iter_image_samples splits shards across ranks by itself)
-        pairs = iter_pairs(self.cfg.data, "train", repeat=True, seed=self.cfg.seed,
-                           shuffle_buffer=self.cfg.shuffle_buffer, decode=False)
+        pairs = iter_pairs(urls.source(self.cfg.data, self.cfg.manifest), "train", repeat=True,
+                           seed=self.cfg.seed, shuffle_buffer=self.cfg.shuffle_buffer,
+                           decode=False)
         for _ in range(start * self.cfg.batch_size):
             next(pairs)
         while True:
@@ -114,6 +117,10 @@ class RerankerTask(Task):
 
     def batch_size(self, batch) -> int:
         return len(batch["pixels"])
+
+    def after_step(self, model, step: int, optimizer) -> dict:
+        """Remote shards: streams reopened and shards skipped so far (metrics.csv)."""
+        return urls.STATS.metrics()
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         if not self.val_captions:
@@ -169,7 +176,7 @@ def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
 
     if cfg.max_steps < 1 or cfg.batch_size < 2:
         raise UsageError("--max-steps must be >= 1 and --batch-size >= 2 (contrastive loss)")
-    shard_paths(cfg.data, "train")  # one clear error before any model is loaded
+    shard_paths(urls.source(cfg.data, cfg.manifest), "train")  # one clear error, before models
     _check_resume(cfg)
     torch.manual_seed(cfg.seed)
     model = build_reranker(
@@ -177,13 +184,8 @@ def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
         embed_dim=cfg.embed_dim, text_seq_len=cfg.text_seq_len, image_weights=cfg.image_weights,
     )
     task = RerankerTask(model, cfg)
-    trainer_cfg = TrainerConfig(
-        out=Path(cfg.out), lr=cfg.lr, weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-        grad_clip=cfg.grad_clip, precision=cfg.precision, device=cfg.device, seed=cfg.seed,
-        save_every=cfg.save_every, keep_last=cfg.keep_last, eval_every=cfg.eval_every,
-        sample_every=0, resume=cfg.resume, progress=progress,
-    )
+    trainer_cfg = TrainerConfig.from_options(cfg, out=Path(cfg.out), sample_every=0,
+                                             progress=progress)
     result = train(task, trainer_cfg)
     model.eval()
     last = getattr(task, "last_eval", None)  # the trainer evaluates at the last step

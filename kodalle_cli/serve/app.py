@@ -21,14 +21,20 @@ from kodalle_cli.serve.checks import (
     MAX_CAPTION_CHARS,
     MAX_COND_SCALE,
     MAX_IMAGES,
+    MAX_PROMPT_BYTES,
+    MAX_PROMPT_PIXELS,
     MAX_SEED,
     MAX_TEMPERATURE,
     MAX_TOP_K,
+    PROMPT_ID,
+    PROMPT_TYPES,
     BadRequest,
     check_encode_request,
     check_image_name,
     check_job_request,
     check_picked_attributes,
+    check_prompt_image,
+    image_body,
     is_loopback,
     json_body,
     sample_defaults,
@@ -52,10 +58,13 @@ def create_app(jobs: JobQueue, *, loopback_only: bool = False) -> Starlette:
         Route("/api/attributes", attributes),
         Route("/api/caption", caption, methods=["POST"]),
         Route("/api/encode", encode, methods=["POST"]),
+        Route("/api/prompts", upload_prompt, methods=["POST"]),
+        Route("/api/prompts/{name}", prompt_image),
         Route("/api/jobs", submit, methods=["POST"]),
         Route("/api/jobs/{job_id}", job_state, methods=["GET", "DELETE"]),
         Route("/api/jobs/{job_id}/events", events),
         Route("/api/jobs/{job_id}/grid.png", grid),
+        Route("/api/jobs/{job_id}/prompt.png", job_prompt),
         Route("/api/jobs/{job_id}/images/{name}", image),
     ]
     middleware = [Middleware(LoopbackOnly)] if loopback_only else []
@@ -95,7 +104,10 @@ async def info(request: Request) -> Response:
         "limits": {"n": [1, MAX_IMAGES], "caption_chars": MAX_CAPTION_CHARS,
                    "seed": [0, MAX_SEED], "top_k": [0, MAX_TOP_K], "top_p": [0, 1],
                    "temperature": [0, MAX_TEMPERATURE], "cond_scale": [0, MAX_COND_SCALE],
-                   "waiting": MAX_WAITING},
+                   "waiting": MAX_WAITING, "init_rows": [1, jobs.image_rows - 1],
+                   "prompt_bytes": MAX_PROMPT_BYTES, "prompt_pixels": MAX_PROMPT_PIXELS,
+                   "prompt_types": sorted(PROMPT_TYPES)},
+        "image_rows": jobs.image_rows, "image_size": jobs.image_size,
         "queue": jobs.queue_info(),
     })
 
@@ -119,9 +131,33 @@ async def encode(request: Request) -> Response:
 async def submit(request: Request) -> Response:
     jobs = _jobs(request)
     body = await json_body(request)
-    job = jobs.submit(check_job_request(body, reranker=jobs.reranker is not None))
+    job = jobs.submit(check_job_request(body, reranker=jobs.reranker is not None,
+                                        image_rows=jobs.image_rows))
     return JSONResponse(jobs.snapshot(job), status_code=202,
                         headers={"Location": f"/api/jobs/{job.id}"})
+
+
+async def upload_prompt(request: Request) -> Response:
+    """An image prompt: the picture's bytes as the body (Content-Type image/png, image/jpeg
+    or image/webp; a cross-site form cannot send those without a preflight either)."""
+    jobs = _jobs(request)
+    data = await image_body(request)
+    image = await run_in_threadpool(check_prompt_image, data)
+    made = await run_in_threadpool(jobs.add_prompt, image)
+    return JSONResponse(made, status_code=201, headers={"Location": made["url"]})
+
+
+async def prompt_image(request: Request) -> Response:
+    name = request.path_params["name"]
+    prompt_id = name.removesuffix(".png")
+    if not name.endswith(".png") or not PROMPT_ID.fullmatch(prompt_id):
+        raise BadRequest("image prompts are named by their id: /api/prompts/ID.png", 404)
+    return _png(await run_in_threadpool(_jobs(request).prompt, prompt_id))
+
+
+async def job_prompt(request: Request) -> Response:
+    jobs = _jobs(request)
+    return _png(jobs.prompt_of(jobs.get(request.path_params["job_id"])))
 
 
 async def job_state(request: Request) -> Response:

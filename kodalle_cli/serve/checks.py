@@ -5,6 +5,7 @@ request is a :class:`BadRequest`: its status and one line for the page."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import ipaddress
 import json
 import math
@@ -12,7 +13,7 @@ import re
 
 from starlette.requests import Request
 
-from kodalle_cli.configs import SampleConfig
+from kodalle_cli.configs import RANKINGS, SampleConfig
 from kodalle_cli.errors import ConfigError, UsageError
 
 # ---- limits ----------------------------------------------------------------------------------
@@ -23,9 +24,14 @@ MAX_TOP_K = 1_000_000
 MAX_TEMPERATURE = 10.0
 MAX_COND_SCALE = 50.0
 MAX_BODY_BYTES = 64 * 1024
+MAX_PROMPT_BYTES = 10 * 1024 * 1024  # an uploaded image prompt (POST /api/prompts)
+MAX_PROMPT_PIXELS = 40_000_000  # ... and its pixels, decoded
+PROMPT_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
-FIELDS = ("caption", "n", "seed", "top_k", "top_p", "temperature", "cond_scale", "keep")
+FIELDS = ("caption", "n", "seed", "top_k", "top_p", "temperature", "cond_scale", "rank",
+          "keep", "init_image", "init_rows")
 _IMAGE_NAME = re.compile(r"(\d{1,4})\.png")
+PROMPT_ID = re.compile(r"[0-9a-f]{32}")  # an uploaded image prompt's id
 
 
 def sample_defaults() -> dict:
@@ -94,8 +100,15 @@ def check_caption(value, *, allow_empty: bool = False) -> str:
     return value
 
 
-def check_job_request(body, *, reranker: bool) -> dict:
-    """A job request's fields with the CLI's defaults filled in, or :class:`BadRequest`."""
+def check_job_request(body, *, reranker: bool, image_rows: int) -> dict:
+    """A job request's fields with the CLI's defaults filled in, or :class:`BadRequest`.
+    ``image_rows``: the model's rows of image codes (``init_rows`` keeps 1 to one less).
+
+    ``rank``: null (the reranker when the server has one, else generation order) or
+    ``"perplexity"`` (``--rank perplexity``); ``keep``: the best K of them. ``init_image``:
+    the id of an image prompt uploaded to ``/api/prompts`` (``--init-image``), of which
+    ``init_rows`` code rows are kept (``--init-rows``, default half); with one the caption
+    may be empty (the ``--cond-drop`` null caption)."""
     if not isinstance(body, dict):
         raise BadRequest("send a JSON object such as {\"caption\": \"...\", \"n\": 4}")
     unknown = sorted(set(body) - set(FIELDS))
@@ -105,19 +118,39 @@ def check_job_request(body, *, reranker: bool) -> dict:
     if "caption" not in body:
         raise BadRequest("caption is missing: type what to draw")
     given = {**sample_defaults(), **body}  # a field sent as null: none (seed: a random one)
-    out = {"caption": check_caption(body["caption"])}
+    prompt = given["init_image"]
+    if prompt is not None and not (isinstance(prompt, str) and PROMPT_ID.fullmatch(prompt)):
+        raise BadRequest(f"init_image {shown(prompt)} is not an uploaded image prompt's id "
+                         "(POST the image to /api/prompts first)")
+    out = {"caption": check_caption(body["caption"], allow_empty=prompt is not None)}
     out["n"] = _whole(given, "n", 1, MAX_IMAGES)
     out["seed"] = _whole(given, "seed", 0, MAX_SEED, optional=True)
     out["top_k"] = _number(given, "top_k", 0, MAX_TOP_K, optional=True)
     out["top_p"] = _number(given, "top_p", 0, 1, optional=True)
     out["temperature"] = _number(given, "temperature", 0, MAX_TEMPERATURE)
     out["cond_scale"] = _number(given, "cond_scale", 0, MAX_COND_SCALE)
+    out["rank"] = given["rank"]
+    if out["rank"] not in (None, *RANKINGS):
+        raise BadRequest(f"rank {shown(out['rank'])}: give null (the reranker, when the "
+                         f"server has one) or {' or '.join(map(shown, RANKINGS))}")
     out["keep"] = _whole(given, "keep", 1, out["n"], optional=True)
-    if out["keep"] is not None and not reranker:
-        raise BadRequest("keep needs a reranker: start the server with --reranker DIR")
+    if out["keep"] is not None and out["rank"] is None and not reranker:
+        raise BadRequest('keep needs a ranking: rank by "perplexity", or start the server '
+                         "with --reranker DIR")
+    out["init_image"] = prompt
+    if prompt is None and given["init_rows"] is not None:
+        raise BadRequest("init_rows needs an image prompt (init_image)")
+    if prompt is not None and image_rows < 2:
+        raise BadRequest(f"this model's images are {image_rows} row of codes: an image "
+                         "prompt would leave nothing to draw")
+    out["init_rows"] = None
+    if prompt is not None:  # the CLI's default: half the rows
+        out["init_rows"] = (image_rows // 2 if given["init_rows"] is None
+                            else _whole(given, "init_rows", 1, image_rows - 1))
     try:  # the library's own checks (top-k a count or a fraction, top-p in (0, 1], ...)
-        SampleConfig(captions=[out["caption"]], out=None, rerank=None, **{
-            k: v for k, v in out.items() if k not in ("caption", "keep")}).validate()
+        SampleConfig(captions=[out["caption"]], out=None, **{
+            k: out[k] for k in ("n", "seed", "top_k", "top_p", "temperature",
+                                "cond_scale")}).settings()
     except ConfigError as exc:
         raise BadRequest(f"{exc.name} {shown(exc.value)}: {exc.reason}") from None
     except UsageError as exc:
@@ -152,6 +185,56 @@ def check_image_name(name: str, count: int) -> int:
     if index >= count:
         raise BadRequest(f"the job has {count} images: 0 to {count - 1}", 404)
     return index
+
+
+async def image_body(request: Request) -> bytes:
+    """An uploaded image prompt's bytes: sent as one of :data:`PROMPT_TYPES`, at most
+    :data:`MAX_PROMPT_BYTES` (415 or 413 otherwise)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in PROMPT_TYPES:
+        raise BadRequest(f"an image prompt must be a PNG, JPEG or WebP image, not "
+                         f"{shown(kind or 'untyped data')}", 415)
+    too_big = BadRequest(f"the image is larger than {MAX_PROMPT_BYTES // 2**20} MiB: "
+                         "send a smaller one", 413)
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_PROMPT_BYTES):
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_PROMPT_BYTES:
+            raise too_big
+    if not data:
+        raise BadRequest("the image is empty: choose a picture")
+    return bytes(data)
+
+
+def check_prompt_image(data: bytes):
+    """The uploaded bytes decoded (RGB, EXIF orientation applied): a PNG, JPEG or WebP of
+    at most :data:`MAX_PROMPT_PIXELS` pixels, whatever type the request claimed."""
+    from PIL import Image, UnidentifiedImageError
+
+    from kodalle_cli.data.images import ImageError, open_image
+
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            found, (width, height) = probe.format, probe.size
+    except Image.DecompressionBombError as exc:
+        raise BadRequest(f"the image cannot be used: {exc}", 413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise BadRequest("the file is not an image the server can read: send a PNG, "
+                         "JPEG or WebP picture", 415) from None
+    if found not in PROMPT_TYPES.values():
+        raise BadRequest(f"the file is a {found} image: send a PNG, JPEG or WebP picture",
+                         415)
+    if width * height > MAX_PROMPT_PIXELS:
+        raise BadRequest(f"the image is {width}x{height} pixels: at most "
+                         f"{MAX_PROMPT_PIXELS:,} are allowed (it is fitted to the model's "
+                         "size anyway)", 413)
+    try:
+        return open_image(data, max_pixels=MAX_PROMPT_PIXELS)[0]
+    except ImageError as exc:
+        raise BadRequest(f"the image cannot be used: {exc}") from None
 
 
 async def json_body(request: Request):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import re
 import sys
 import threading
@@ -23,6 +24,8 @@ from kodalle_cli.serve.picker import Attributes
 
 MAX_WAITING = 16  # jobs waiting behind the running one
 KEEP_JOBS = 200  # finished jobs remembered (their files stay on disk)
+KEEP_PROMPTS = 100  # uploaded image prompts kept (OUT/prompts/ID.png; older ones deleted)
+PROMPTS = "prompts"  # their folder under --out (job folders are 32 hex digits)
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -44,6 +47,10 @@ class Job:
     order: list[int] = dataclasses.field(default_factory=list)  # image indices as finished
     files: dict[int, str] = dataclasses.field(default_factory=dict)  # when done: index -> file
     scores: list[float] | None = None
+    logprobs: list[float] | None = None  # each image's mean code log-probability
+    ranked_by: str | None = None  # "rerank" | "perplexity" once done, when ranked
+    prompt_path: Path | None = None  # the image prompt (OUT/prompts/ID.png)
+    prompt_tile: bytes | None = None  # ... as the grid shows it (PNG)
     directory: Path | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
@@ -74,6 +81,7 @@ class JobQueue:
         self.attributes = Attributes(Path(run_dir) if run_dir is not None else None)
         self.batch_size, self.device, self.precision = batch_size, device, precision
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.prompts: OrderedDict[str, Path] = OrderedDict()  # uploaded image prompts
         self.running: Job | None = None
         self._waiting: deque[Job] = deque()
         self._lock = threading.Condition()
@@ -97,12 +105,25 @@ class JobQueue:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def image_rows(self) -> int:
+        """The model's rows (and columns) of image codes."""
+        return self.run.model.config.image_fmap_size
+
+    @property
+    def image_size(self) -> int:
+        """The pixels a side of the model's images (an image prompt is fitted to it)."""
+        return self.image_rows * self.run.vqgan.downsample_factor
+
     def submit(self, request: dict) -> Job:
         from kodalle_cli.model.sampling import new_seed
 
         seed = request["seed"] if request["seed"] is not None else new_seed()
         job = Job(uuid.uuid4().hex, request, seed,
                   request["n"] * self.run.model.image_seq_len)
+        if request["init_image"] is not None:
+            job.prompt_path = self._prompt_path(request["init_image"])
+            job.prompt_tile = self._prompt_tile(job.prompt_path, request["init_rows"])
         with self._lock:
             if len(self._waiting) >= MAX_WAITING:
                 raise BadRequest(f"the queue is full ({MAX_WAITING} requests waiting): try "
@@ -145,6 +166,55 @@ class JobQueue:
         for job in finished[: max(0, len(finished) - KEEP_JOBS)]:
             del self.jobs[job.id]
 
+    # -- image prompts --
+    def add_prompt(self, image) -> dict:
+        """Keep an uploaded picture (decoded by :func:`~.checks.check_prompt_image`) as an
+        image prompt: fitted to the model's image size as ``sample --init-image`` fits it
+        (white padding), saved as ``OUT/prompts/ID.png``. Returns what the page shows."""
+        from kodalle_cli.atomic import write_bytes_atomic
+        from kodalle_cli.data.images import fit
+
+        size = self.image_size
+        if image.size != (size, size):
+            image = fit(image, size, "pad")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        prompt_id = uuid.uuid4().hex
+        path = self.out / PROMPTS / f"{prompt_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, buffer.getvalue())
+        with self._lock:
+            self.prompts[prompt_id] = path
+            while len(self.prompts) > KEEP_PROMPTS:
+                _, old = self.prompts.popitem(last=False)
+                old.unlink(missing_ok=True)
+        return {"id": prompt_id, "url": f"/api/prompts/{prompt_id}.png", "size": size,
+                "rows": self.image_rows, "default_rows": self.image_rows // 2}
+
+    def _prompt_path(self, prompt_id: str) -> Path:
+        with self._lock:
+            path = self.prompts.get(prompt_id)
+        if path is None or not path.is_file():
+            raise BadRequest(f"image prompt {prompt_id} is not on the server (it keeps the "
+                             f"last {KEEP_PROMPTS}, and none across restarts): upload the "
+                             "picture again", 404)
+        return path
+
+    def prompt(self, prompt_id: str) -> bytes:
+        """An uploaded image prompt as the model sees it (PNG)."""
+        return self._read(self._prompt_path(prompt_id))
+
+    def _prompt_tile(self, path: Path, rows: int) -> bytes:
+        from PIL import Image
+
+        from kodalle_cli.output import prompt_tile
+
+        with Image.open(path) as image:
+            tile = prompt_tile(image.convert("RGB"), rows * self.image_rows, self.image_rows)
+        buffer = io.BytesIO()
+        tile.save(buffer, format="PNG")
+        return buffer.getvalue()
+
     # -- the worker thread --
     def _work(self) -> None:
         while True:
@@ -169,12 +239,15 @@ class JobQueue:
         from kodalle_cli.sample import sample
 
         r = job.request
+        reranker = self.reranker if r["rank"] is None else None  # rank: "perplexity"
         config = SampleConfig(
-            captions=[r["caption"]], n=r["n"], out=self.out / job.id,
-            batch_size=self.batch_size, top_k=r["top_k"], top_p=r["top_p"],
-            temperature=r["temperature"], cond_scale=r["cond_scale"], seed=job.seed,
-            rerank=self.reranker_path if self.reranker is not None else None, keep=r["keep"],
-            device=self.device, precision=self.precision, progress=False)
+            captions=[r["caption"]] if r["caption"].strip() else [], n=r["n"],
+            out=self.out / job.id, batch_size=self.batch_size, top_k=r["top_k"],
+            top_p=r["top_p"], temperature=r["temperature"], cond_scale=r["cond_scale"],
+            seed=job.seed, rerank=self.reranker_path if reranker is not None else None,
+            rank=r["rank"], keep=r["keep"], init_image=job.prompt_path,
+            init_rows=r["init_rows"], device=self.device, precision=self.precision,
+            progress=False)
 
         def on_image(caption_index: int, image_index: int, image) -> None:
             if job.cancel.is_set():
@@ -202,7 +275,7 @@ class JobQueue:
         state, error, result = "done", None, None
         try:
             (result,) = sample(config, self.run, warn=on_warning, on_image=on_image,
-                               on_tokens=on_tokens, reranker=self.reranker)
+                               on_tokens=on_tokens, reranker=reranker)
         except _Cancelled:
             state = "cancelled"
         except ConfigError as exc:
@@ -219,6 +292,8 @@ class JobQueue:
                              for img in result.metadata["images"]}
                 job.order = [img["image_index"] for img in result.metadata["images"]]
                 job.scores = result.metadata.get("rerank_scores")
+                job.logprobs = result.metadata.get("mean_logprobs")
+                job.ranked_by = result.metadata.get("ranked_by")
             job.live = {}
             job.state, job.error = state, error
             job.seconds = round(time.perf_counter() - started, 3)
@@ -235,8 +310,12 @@ class JobQueue:
                          "name": f"kodalle-{job.seed}-{i:04d}.png"}
                 if job.scores is not None and job.state == "done":
                     entry.update(rank=rank, score=job.scores[i])
+                elif job.ranked_by == "perplexity" and job.state == "done":
+                    entry.update(rank=rank, perplexity=math.exp(-job.logprobs[i]))
                 images.append(entry)
             r = job.request
+            prompt = None if r["init_image"] is None else {
+                "url": f"{base}/prompt.png", "rows": r["init_rows"], "of": self.image_rows}
             return {
                 "id": job.id, "state": job.state, "position": position,
                 "caption": r["caption"], "seed": job.seed,
@@ -245,6 +324,7 @@ class JobQueue:
                 "images_done": len(job.order) if job.state != "done" else r["n"],
                 "images": images,
                 "grid_url": f"{base}/grid.png" if job.state == "done" else None,
+                "prompt": prompt, "ranked_by": job.ranked_by,
                 "grid_name": f"kodalle-{job.seed}-grid.png",
                 "folder": (str(job.directory.relative_to(self.out))
                            if job.directory is not None else None),
@@ -265,6 +345,12 @@ class JobQueue:
             raise BadRequest(f"image {index} is not ready (the job has "
                              f"{job.request['n']} images: 0 to {job.request['n'] - 1})", 404)
         return self._read(directory / name)
+
+    def prompt_of(self, job: Job) -> bytes:
+        """A job's image prompt as the grid shows it: the kept rows, the rest faded."""
+        if job.prompt_tile is None:
+            raise BadRequest("the job has no image prompt", 404)
+        return job.prompt_tile
 
     def grid(self, job: Job) -> bytes:
         if job.state != "done" or job.directory is None:

@@ -1,4 +1,4 @@
-// kodalle serve: the page. Plain JavaScript, no build step; the server is kodalle_cli/serve.py.
+// kodalle serve: the page. Plain JavaScript, no build step; the server is kodalle_cli/serve/.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -6,10 +6,15 @@ let info = null;      // GET /api/info
 let current = null;   // the id of the job this page follows
 let events = null;    // its EventSource
 let shown = new Set(); // image indices already on the page
+let imagePrompt = null; // the uploaded image prompt (POST /api/prompts), or null
 
 async function api(path, options = {}) {
   const init = { ...options, headers: { "Content-Type": "application/json" } };
-  const response = await fetch(path, init);
+  return answer(await fetch(path, init));
+}
+
+// a response's JSON, or an Error with the server's message
+async function answer(response) {
   let body = null;
   try {
     body = await response.json();
@@ -104,6 +109,54 @@ async function attributesPicked() {
   }
 }
 
+// ---- the image prompt -------------------------------------------------------------------------
+async function promptChosen() {
+  const file = $("init-image").files[0];
+  if (!file) return;
+  showError(null);
+  let made = null;
+  try {
+    // the picture's bytes as they are; the server checks the type and size
+    made = await answer(await fetch("/api/prompts", {
+      method: "POST", headers: { "Content-Type": file.type || "application/octet-stream" }, body: file,
+    }));
+  } catch (error) {
+    showError(`image prompt: ${error.message}`);
+    clearPrompt();
+    return;
+  }
+  imagePrompt = made;
+  $("prompt-img").src = made.url;
+  $("init-rows").max = made.rows - 1;
+  if (!$("init-rows").value) $("init-rows").value = made.default_rows;
+  $("init-rows").disabled = false;
+  $("prompt-rows-of").textContent = `of ${made.rows}`;
+  $("prompt-preview").hidden = false;
+  $("prompt-clear").hidden = false;
+  rowsChanged();
+}
+
+function clearPrompt() {
+  imagePrompt = null;
+  $("init-image").value = "";
+  $("init-rows").disabled = true;
+  $("init-rows").value = "";
+  $("prompt-rows-of").textContent = "";
+  $("prompt-preview").hidden = true;
+  $("prompt-clear").hidden = true;
+}
+
+function rowsChanged() {
+  // the part drawn anew is faded over the picture, as in the grid
+  if (!imagePrompt) return;
+  const rows = Math.min(Math.max(Number($("init-rows").value) || 0, 0), imagePrompt.rows);
+  $("prompt-fade").style.height = `${(100 * (imagePrompt.rows - rows)) / imagePrompt.rows}%`;
+}
+
+function rankChanged() {
+  $("keep-label").hidden = !(info && info.reranker) && !$("rank-perplexity").checked;
+}
+
 // ---- generating -------------------------------------------------------------------------------
 function readNumber(id) {
   const text = $(id).value.trim();
@@ -120,7 +173,12 @@ function request() {
   }
   body.seed = readNumber("seed"); // empty: a random seed (shown when the job starts)
   body.top_k = readNumber("top_k"); // empty: no top-k filter
-  if (info && info.reranker) body.keep = readNumber("keep"); // empty: all, ranked
+  if ($("rank-perplexity").checked) body.rank = "perplexity"; // else the reranker, if any
+  if (!$("keep-label").hidden) body.keep = readNumber("keep"); // empty: all, ranked
+  if (imagePrompt) {
+    body.init_image = imagePrompt.id;
+    body.init_rows = readNumber("init-rows"); // empty: half the rows
+  }
   return body;
 }
 
@@ -143,6 +201,12 @@ function follow(job) {
   shown = new Set();
   $("results").replaceChildren();
   $("job-warnings").replaceChildren();
+  $("job-prompt").hidden = !job.prompt;
+  if (job.prompt) {
+    $("job-prompt-img").src = job.prompt.url;
+    $("job-prompt-caption").textContent =
+      `image prompt · top ${job.prompt.rows} of ${job.prompt.of} rows kept`;
+  }
   $("grid-download").hidden = true;
   $("folder").textContent = "";
   $("job").hidden = false;
@@ -168,8 +232,9 @@ function follow(job) {
 function figure(image, job) {
   const img = element("img", { src: image.url, alt: `image ${image.index}` });
   img.addEventListener("load", () => img.classList.toggle("pixelated", img.naturalWidth < 128));
-  const label = image.score == null
-    ? `#${image.index}` : `#${image.rank + 1} · score ${image.score.toFixed(3)}`;
+  const label = image.score != null ? `#${image.rank + 1} · score ${image.score.toFixed(3)}`
+    : image.perplexity != null ? `#${image.rank + 1} · perplexity ${image.perplexity.toFixed(2)}`
+      : `#${image.index}`;
   const link = element("a", { href: `${image.url}?download`, textContent: "PNG", download: image.name });
   return element("figure", { className: "result" }, [
     img, element("figcaption", {}, [element("span", { textContent: label }), link]),
@@ -186,8 +251,11 @@ function statusText(job) {
       const percent = Math.floor((100 * job.tokens_done) / Math.max(1, job.tokens_total));
       return `Drawing: ${job.images_done} of ${n} images done (${percent}%) · seed ${job.seed}`;
     }
-    case "done":
-      return `Done: ${job.images.length} image${job.images.length === 1 ? "" : "s"} in ${job.seconds}s · seed ${job.seed}`;
+    case "done": {
+      const ranked = !job.ranked_by ? ""
+        : ` · best first by ${job.ranked_by === "perplexity" ? "perplexity" : "the reranker"}`;
+      return `Done: ${job.images.length} image${job.images.length === 1 ? "" : "s"} in ${job.seconds}s · seed ${job.seed}${ranked}`;
+    }
     case "cancelled":
       return "Cancelled";
     default:
@@ -249,7 +317,14 @@ async function start() {
   $("n").max = info.limits.n[1];
   $("caption").maxLength = info.limits.caption_chars;
   $("max-chars").textContent = info.limits.caption_chars;
-  $("keep-label").hidden = !info.reranker;
+  $("init-rows").min = info.limits.init_rows[0];
+  $("init-rows").max = info.limits.init_rows[1];
+  $("init-image").accept = info.limits.prompt_types.join(",");
+  $("init-image").addEventListener("change", promptChosen);
+  $("init-rows").addEventListener("input", rowsChanged);
+  $("prompt-clear").addEventListener("click", clearPrompt);
+  $("rank-perplexity").addEventListener("change", rankChanged);
+  rankChanged();
   $("caption").addEventListener("input", captionChanged);
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);

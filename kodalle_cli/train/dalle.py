@@ -19,6 +19,7 @@ from kodalle_cli.atomic import replacing
 from kodalle_cli.attributes import caption_record
 from kodalle_cli.configs import DalleTrainConfig
 from kodalle_cli.data import tokens as token_shards
+from kodalle_cli.data import urls
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.model import DALLE, DALLEConfig, init_from_backbone
 from kodalle_cli.runlock import run_lock
@@ -65,6 +66,7 @@ class DalleTask(Task):
             self.tokens_dir, "train", batch_size=self.cfg.batch_size, seed=self.cfg.seed,
             rank=rank, world_size=world_size, start_batch=start,
             counts=self.checked["train"].counts, num_text_tokens=self.vocab,
+            caption_style=self.cfg.caption_style,
         )
         return iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
@@ -145,11 +147,18 @@ class DalleTask(Task):
         (out_dir / f"step-{step:07d}.txt").write_text(
             "\n".join(s["txt"] for s in samples) + "\n", encoding="utf-8"
         )
+        return path
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def find_tokens(cfg: DalleTrainConfig, main: bool, dist) -> Path:
-    """Token shards: DATA itself, DATA/tokens, or image shards tokenized with --vqgan."""
+def find_tokens(cfg: DalleTrainConfig, main: bool, dist) -> Path | urls.Place:
+    """Token shards: DATA itself, DATA/tokens, or image shards tokenized with --vqgan; or
+    remote ones (a URL, pattern or pipe: command, kodalle_cli.data.urls) or ones whose
+    manifest is given apart (--manifest)."""
+    if cfg.manifest is not None or urls.is_remote(cfg.data) or "{" in str(cfg.data):
+        where = urls.place(cfg.data, cfg.manifest)
+        token_shards.read_manifest(where)  # one line when there is none
+        return where
     data = Path(cfg.data)
     for candidate in (data, data / "tokens"):
         if (candidate / token_shards.MANIFEST).is_file():
@@ -184,9 +193,33 @@ def run_train(cfg: DalleTrainConfig) -> TrainResult:
     out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
     try:
         with run_lock(out, dist.main):  # one run per directory, before anything is written
-            return _run_train(cfg, dist, device, out)
+            result = _run_train(cfg, dist, device, out)
+        dist.barrier()  # a finished run: the ranks leave together (none tears down mid-save)
+        return result
     finally:
         dist.close()
+
+
+def new_model_config(cfg: DalleTrainConfig, manifest: dict, emb) -> DALLEConfig:
+    """The model a new run builds: sizes from the options, the token shards' ``manifest``
+    and the backbone's tables ``emb`` (its ``vocab_size``, ``dim``, ``pad_id``, ``bos_id``;
+    ``kodalle train --dry-run`` passes the sizes alone)."""
+    mcfg = DALLEConfig(
+        num_text_tokens=emb.vocab_size, num_image_tokens=manifest["num_image_tokens"],
+        image_fmap_size=manifest["image_fmap_size"], dim=cfg.dim or emb.dim,
+        depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head,
+        text_seq_len=manifest["text_seq_len"], text_dim=emb.dim,
+        pad_id=manifest.get("pad_id", emb.pad_id),
+        bos_id=emb.bos_id if emb.bos_id is not None else 0,
+        loss_img_weight=cfg.loss_img_weight, text_loss_on_padding=cfg.text_loss_on_padding,
+        reversible=cfg.reversible, rotary_emb=cfg.rotary, shift_tokens=cfg.shift_tokens,
+        attn_types=cfg.attn_types, text_loss_weight=cfg.text_loss_weight,
+        text_encoder=cfg.text_encoder, text_layer=cfg.text_layer,
+        null_caption=cfg.null_caption,
+    )
+    if mcfg.text_dim == mcfg.dim and not mcfg.contextual:
+        mcfg.text_dim = None
+    return mcfg
 
 
 def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
@@ -203,6 +236,7 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
         raise KodalleError(f"--resume: {out} has no checkpoint to resume from")
     tokens_dir = find_tokens(cfg, dist.main, dist)
     manifest = token_shards.read_manifest(tokens_dir)
+    token_shards.style_index(manifest, cfg.caption_style, tokens_dir)  # one line, before work
 
     backbone = get_backbone(cfg.backbone, cfg.backbone_path)
     if contextual and backbone.refuse_contextual:
@@ -232,20 +266,11 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
         ):
             raise KodalleError(f"the run in {out} was trained on other token shards")
     else:
-        mcfg = DALLEConfig(
-            num_text_tokens=emb.vocab_size, num_image_tokens=manifest["num_image_tokens"],
-            image_fmap_size=manifest["image_fmap_size"], dim=cfg.dim or emb.dim,
-            depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head,
-            text_seq_len=manifest["text_seq_len"], text_dim=emb.dim,
-            pad_id=manifest.get("pad_id", emb.pad_id),
-            bos_id=emb.bos_id if emb.bos_id is not None else 0,
-            loss_img_weight=cfg.loss_img_weight, text_loss_on_padding=cfg.text_loss_on_padding,
-            reversible=cfg.reversible, rotary_emb=cfg.rotary, shift_tokens=cfg.shift_tokens,
-            attn_types=cfg.attn_types, text_loss_weight=cfg.text_loss_weight,
-            text_encoder=cfg.text_encoder, text_layer=cfg.text_layer,
-        )
-        if mcfg.text_dim == mcfg.dim and not mcfg.contextual:
-            mcfg.text_dim = None
+        mcfg = new_model_config(cfg, manifest, emb)
+    from kodalle_cli.plan import check_train_memory
+
+    # the estimated peak against the device's memory (--force skips), before any shard is read
+    check_train_memory(cfg, mcfg, device, dist.world_size)
 
     torch.manual_seed(cfg.seed)
     model = DALLE(mcfg)
@@ -270,7 +295,9 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
                 "data": {"tokens": str(tokens_dir), "tokenizer_hash":
                          manifest.get("tokenizer_hash"), "vqgan": manifest.get("vqgan")},
                 # caption style, part/attribute order and values (sample --attr)
-                "captions": caption_record(tokens_dir, manifest),
+                "captions": caption_record(tokens_dir, manifest) if isinstance(
+                    tokens_dir, Path) else {"format": None, "note": "remote token shards: "
+                                            "their image shards' labels are not read"},
             })
             tokenizer = backbone.load_tokenizer()
             tokenizer.save_pretrained(out / runs.TOKENIZER_DIR)
@@ -280,16 +307,7 @@ def _run_train(cfg: DalleTrainConfig, dist, device, out: Path) -> TrainResult:
                                 mcfg.text_seq_len)
         vq = _copy_vqgan(cfg, manifest, out)
 
-    trainer_cfg = TrainerConfig(
-        out=out, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-        warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, epochs=cfg.epochs,
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-        precision=cfg.precision, device=cfg.device, compile=cfg.compile,
-        strategy=cfg.strategy, seed=cfg.seed,
-        save_every=cfg.save_every, keep_last=cfg.keep_last, eval_every=cfg.eval_every,
-        sample_every=cfg.sample_every, log_every=cfg.log_every,
-        max_bad_steps=cfg.max_bad_steps, resume=cfg.resume, progress=cfg.progress,
-    )
+    trainer_cfg = TrainerConfig.from_options(cfg, out=out)
     task = DalleTask(model, cfg, tokens_dir, vqgan=vq, main=dist.main, run_dir=out)
     return train(task, trainer_cfg, dist, device)
 
@@ -342,3 +360,28 @@ def _refuse_changed_settings(out: Path, saved: dict, cfg: DalleTrainConfig) -> N
                 if f.default is not dataclasses.MISSING}
     refuse_changed_settings(out, saved.get("train") or {}, dataclasses.asdict(cfg), defaults,
                             TRAIN_RESUME_MAY_CHANGE)
+
+
+def dry_run(cfg: DalleTrainConfig) -> dict:
+    """``kodalle train --dry-run``: the parameters, FLOPs per sample, memory per GPU and time
+    of the exact model this command would train (a run in ``--out`` keeps its saved model
+    config), from the manifests and the backbone's config alone; nothing is written."""
+    import os
+    from types import SimpleNamespace
+
+    from kodalle_cli import plan
+    from kodalle_cli.device import pick_device
+
+    device = pick_device(cfg.device)
+    data = plan.read_data(cfg.data, cfg.vqgan, None, cfg.text_seq_len or 128)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.backbone)
+    if (out / runs.CONFIG).is_file():
+        mcfg, source = DALLEConfig.from_dict(runs.read_config(out)["model"]), f"the run in {out}"
+    else:
+        sizes = plan.backbone_sizes(cfg.backbone, cfg.backbone_path)
+        emb = SimpleNamespace(vocab_size=sizes["vocab"], dim=sizes["dim"], pad_id=1, bos_id=0)
+        shape = {"num_image_tokens": data.num_image_tokens, "text_seq_len": data.text_seq_len,
+                 "image_fmap_size": data.image_fmap_size}
+        mcfg, source = new_model_config(cfg, shape, emb), "a new run"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return plan.dry_run_estimate(cfg, mcfg, device, world, data, source)

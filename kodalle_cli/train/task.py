@@ -24,8 +24,10 @@ The Task interface (subclass :class:`Task`; only the first four are required)::
     task.evaluate(model, step)            -> {name: float}, rank 0 only (every rank under
                                           FSDP: call the model's forward), under no_grad
                                           and eval mode (e.g. validation loss); default {}
-    task.sample(model, step, out_dir)     rank 0 only, e.g. a PNG grid in out_dir; default
-                                          none (not called under FSDP)
+    task.sample(model, step, out_dir)     rank 0 only, e.g. a PNG grid in out_dir; returns
+                                          the grid's path (logged as an image to the --log
+                                          dashboards) or None. Default none (not called
+                                          under FSDP)
     task.shard_units(model)               FSDP: the submodules sharded one by one (e.g. the
                                           transformer blocks) before the whole model; each
                                           must be entered through its forward. Default []
@@ -45,11 +47,13 @@ The Task interface (subclass :class:`Task`; only the first four are required)::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from kodalle_cli.configs import DalleTrainConfig
 
 
 class Task:
@@ -98,7 +102,7 @@ class Task:
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]:
         return {}
 
-    def sample(self, model: nn.Module, step: int, out_dir: Path) -> None:
+    def sample(self, model: nn.Module, step: int, out_dir: Path) -> Path | None:
         return None
 
     def after_step(self, model: nn.Module, step: int, optimizer) -> dict | None:
@@ -116,30 +120,47 @@ class Task:
 
 @dataclass
 class TrainerConfig:
+    """The loop's settings. :meth:`from_options` takes them by name from a command's config.
+    A setting the loop shares with `kodalle train` has that command's default (its one place:
+    :class:`~kodalle_cli.configs.DalleTrainConfig`, with its help); the VQGAN and the reranker
+    give their own values."""
+
     out: Path
-    lr: float = 3e-5
-    weight_decay: float = 3e-3
+    lr: float = DalleTrainConfig.lr
+    weight_decay: float = DalleTrainConfig.weight_decay
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: str = "cosine"  # cosine | constant (after warm-up)
-    warmup_steps: int = 100
+    schedule: str = DalleTrainConfig.schedule  # cosine | constant (after warm-up)
+    warmup_steps: int = DalleTrainConfig.warmup_steps
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    max_steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 40  # per rank, per micro-step
-    grad_accum: int = 1
-    grad_clip: float = 0.5  # 0: no clipping
-    precision: str = "auto"
-    device: str = "auto"
-    compile: bool = False
-    strategy: str = "ddp"  # ddp | fsdp (see kodalle_cli.train.dist)
-    seed: int = 0
-    save_every: int = 1000
-    keep_last: int = 3
-    eval_every: int = 500
-    sample_every: int = 1000
-    log_every: int = 10
-    max_bad_steps: int = 10
-    resume: bool = False  # also implied by an existing checkpoint in `out`
-    progress: bool = True
+    max_steps: int | None = DalleTrainConfig.max_steps
+    epochs: float | None = DalleTrainConfig.epochs
+    batch_size: int = DalleTrainConfig.batch_size  # per rank, per micro-step
+    grad_accum: int = DalleTrainConfig.grad_accum
+    grad_clip: float = DalleTrainConfig.grad_clip  # 0: no clipping
+    precision: str = DalleTrainConfig.precision
+    device: str = DalleTrainConfig.device
+    compile: bool = DalleTrainConfig.compile
+    strategy: str = DalleTrainConfig.strategy  # ddp | fsdp (see kodalle_cli.train.dist)
+    seed: int = DalleTrainConfig.seed
+    save_every: int = DalleTrainConfig.save_every
+    keep_last: int = DalleTrainConfig.keep_last
+    eval_every: int = DalleTrainConfig.eval_every
+    sample_every: int = DalleTrainConfig.sample_every
+    log_every: int = DalleTrainConfig.log_every
+    log: tuple[str, ...] = ("csv",)  # --log: csv and the dashboards (train/loggers.py)
+    max_bad_steps: int = DalleTrainConfig.max_bad_steps
+    resume: bool = DalleTrainConfig.resume  # also implied by an existing checkpoint in `out`
+    progress: bool = DalleTrainConfig.progress
     memory_hint: str = "--batch-size (with --grad-accum to keep the effective batch)"
     device_type: str = field(default="cpu", init=False)
+
+    def __post_init__(self):
+        self.log = tuple(self.log)
+
+    @classmethod
+    def from_options(cls, options, **overrides) -> TrainerConfig:
+        """The settings ``options`` (a command's config) has under the loop's names, with
+        ``overrides`` on top."""
+        taken = {f.name: getattr(options, f.name) for f in fields(cls)
+                 if f.init and hasattr(options, f.name)}
+        return cls(**{**taken, **overrides})

@@ -4,9 +4,10 @@ A model is trained by giving :func:`train` a :class:`Task` and a :class:`Trainer
 The task says *what* is trained; the trainer owns *how*: precision and autocast, gradient
 accumulation and clipping, the learning-rate schedule (:func:`lr_at`), non-finite-loss
 skipping and the progress bar. Beside it: DDP and FSDP (``cfg.strategy``) in :mod:`.dist`, checkpoints, RNG states and
-exact resume in :mod:`.checkpoint`, ``metrics.csv`` in :mod:`.metrics`, and the run
-directory's layout (``checkpoints/``, ``latest``, ``metrics.csv``, ``samples/``) in
-:mod:`kodalle_cli.runs`. Only rank 0 writes; the task's own files are its business.
+exact resume in :mod:`.checkpoint`, ``metrics.csv`` in :mod:`.metrics` (and the ``--log``
+dashboards, TensorBoard and W&B, in :mod:`.loggers`), and the run directory's layout
+(``checkpoints/``, ``latest``, ``metrics.csv``, ``samples/``) in :mod:`kodalle_cli.runs`.
+Only rank 0 writes; the task's own files are its business.
 
 The Task interface and the settings the trainer takes: :mod:`.task`.
 """
@@ -27,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kodalle_cli.atomic import disk_full_error, is_disk_full
+from kodalle_cli.atomic import disk_full_error, is_disk_full, jsonable
 from kodalle_cli.device import autocast, pick_device, pick_dtype
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.progress import progress_bar
 from kodalle_cli.runlock import run_lock
-from kodalle_cli.runs import CKPT_DIR, METRICS, SAMPLES_DIR, latest_checkpoint
+from kodalle_cli.runs import CKPT_DIR, SAMPLES_DIR, latest_checkpoint
 from kodalle_cli.train.checkpoint import (
     kill_hook,
     load_optimizer,
@@ -43,7 +44,7 @@ from kodalle_cli.train.checkpoint import (
     save_checkpoint,
 )
 from kodalle_cli.train.dist import Dist, make_strategy, plain
-from kodalle_cli.train.metrics import Metrics
+from kodalle_cli.train.loggers import Loggers, parse_logs, require
 from kodalle_cli.train.task import Task, TrainerConfig
 
 
@@ -86,6 +87,8 @@ def train(task: Task, cfg: TrainerConfig, dist: Dist | None = None,
     (a second Ctrl-C raises ``KeyboardInterrupt`` at once; the last complete checkpoint
     stays). The previous SIGINT handler is restored when it returns."""
     dist = dist or Dist()
+    if dist.main:
+        require(parse_logs(cfg.log))  # a missing dashboard package: before the run starts
     with run_lock(cfg.out, dist.main), _Interrupts() as interrupts:
         return _train(task, cfg, dist, device, interrupts)
 
@@ -129,7 +132,8 @@ def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | No
 
     run = _Run(task, cfg, dist, device, out, max_steps, samples_per_step, model, train_model,
                optimizer, amp, scaler, strategy,
-               Metrics(out / METRICS, dist.main, step if ckpt is not None else None))
+               Loggers(out, cfg.log, dist.main, step if ckpt is not None else None,
+                       config=_jsonable_config(cfg)))
     bad_in_row, last_loss, saved_ckpt = 0, None, ckpt
     saved_step = step if ckpt is not None else None
     history: list[dict] = []
@@ -140,7 +144,7 @@ def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | No
               "run `kodalle sample` on a checkpoint", flush=True)
     try:
         if ckpt is None and dist.main:
-            run.metrics.write(0, "data", task.data_metrics)
+            run.logs.write(0, "data", task.data_metrics)
         if ckpt is None and evaluates and cfg.eval_every > 0:  # the baseline: step 0
             run.evaluate(0)
         with progress_bar("{task.fields[info]}", title="[bold]train",
@@ -196,6 +200,8 @@ def _train(task: Task, cfg: TrainerConfig, dist: Dist, device: torch.device | No
                 "the run", out, f"{intact}; free space and run the same command to resume"
             ) from None
         raise
+    finally:
+        run.logs.close(failed=sys.exc_info()[0] is not None)  # W&B: the run's exit status
     return TrainResult(step=step, last_loss=last_loss, checkpoint=saved_ckpt,
                        bad_steps=state["bad_steps_total"], history=history)
 
@@ -249,6 +255,13 @@ def _plan(task: Task, cfg: TrainerConfig, dist: Dist) -> tuple[int, int]:
     return max_steps, samples_per_step
 
 
+def _jsonable_config(cfg: TrainerConfig) -> dict:
+    """The trainer's settings, for a dashboard's run config (wandb)."""
+    import dataclasses
+
+    return jsonable(dataclasses.asdict(cfg))
+
+
 def _open_out_dir(out: Path, cfg: TrainerConfig, dist: Dist) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); clears killed saves."""
     ckpt = latest_checkpoint(out)
@@ -289,7 +302,7 @@ class _Run:
     amp: contextlib.AbstractContextManager  # torch.autocast or nullcontext
     scaler: torch.amp.GradScaler
     strategy: object  # dist.DDPStrategy or dist.FSDPStrategy
-    metrics: Metrics
+    logs: Loggers  # metrics.csv and the --log dashboards (rank 0)
 
     def __post_init__(self):
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -347,9 +360,10 @@ class _Run:
 
     def log(self, entry: dict, grad_norm: torch.Tensor,
             speed: _Throughput) -> tuple[float, float]:
-        """The step's train rows in metrics.csv; -> (samples/s, tokens/s) since the last."""
+        """The step's train rows in metrics.csv (and the dashboards); -> (samples/s,
+        tokens/s) since the last."""
         sps, tps = speed.take()
-        self.metrics.write(entry["step"], "train", {
+        self.logs.write(entry["step"], "train", {
             **{k: v for k, v in entry.items() if k != "step"},
             "grad_norm": float(grad_norm), "samples_per_s": sps, "tokens_per_s": tps,
         })
@@ -358,12 +372,13 @@ class _Run:
     def evaluate(self, step: int) -> None:
         self.model.eval()
         with torch.no_grad(), self.amp:
-            self.metrics.write(step, "val", self.task.evaluate(self.model, step))
+            self.logs.write(step, "val", self.task.evaluate(self.model, step))
 
     def sample(self, step: int) -> None:
         self.model.eval()
         with torch.no_grad():
-            self.task.sample(self.model, step, self.out / SAMPLES_DIR)
+            grid = self.task.sample(self.model, step, self.out / SAMPLES_DIR)
+        self.logs.image(step, "samples/preview", grid)
 
     def save(self, state: dict, step: int) -> Path | None:
         """A checkpoint of ``step`` (rank 0 gets its path)."""

@@ -35,81 +35,15 @@ from pathlib import Path
 import torch
 
 from kodalle_cli.atomic import jsonable, replacing, write_json_atomic
+from kodalle_cli.configs import VQGANTrainConfig
+from kodalle_cli.data import urls
 from kodalle_cli.errors import KodalleError, UsageError
 from kodalle_cli.runlock import run_lock
 from kodalle_cli.runs import latest_checkpoint
 from kodalle_cli.train.trainer import Task, TrainerConfig, train
 from kodalle_cli.vqgan.io import save_taming_checkpoint, save_vqgan
 from kodalle_cli.vqgan.losses import LPIPS, NLayerDiscriminator, adaptive_weight, hinge_d_loss
-from kodalle_cli.vqgan.model import VQGAN, VQGANConfig
-
-
-@dataclass
-class VQGANTrainConfig:
-    data: Path | str = Path("shards")
-    out: Path | str = Path("runs/vqgan")
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    n_embed: int = 16384
-    embed_dim: int = 256
-    resolution: int = 256
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] | None = None  # default: the code grid (taming: 16)
-    lpips_weights: Path | str | None = None
-    perceptual_weight: float = 1.0
-    disc_start: int | None = None  # None: no discriminator
-    disc_weight: float = 0.8
-    codebook_weight: float = 1.0
-    lr: float = 3.6e-5  # taming: base_learning_rate 4.5e-6 x batch size 8
-    batch_size: int = 8
-    max_steps: int = 10000
-    seed: int = 0
-    device: str = "auto"
-    restart_after: int = 50  # steps a code may go unused before it is restarted
-    max_bad_fraction: float = 0.01  # unreadable images skipped; more than this share: stop
-    l2_codes: bool = False  # compare features and codes on the unit sphere (ViT-VQGAN)
-    log_every: int = 10
-    save_every: int = 1000
-    keep_last: int = 2
-    resume: bool = False  # a checkpoint in `out` is resumed anyway (the trainer's rule)
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_recipe(cls, recipe: str, **options) -> VQGANTrainConfig:
-        """The recipe's settings, with ``options`` (those not None) on top."""
-        if recipe not in RECIPES:
-            raise UsageError(f"unknown --recipe {recipe!r} (choose {', '.join(RECIPES)})")
-        return cls(**{**RECIPES[recipe], **{k: v for k, v in options.items() if v is not None}})
-
-    def model_config(self) -> VQGANConfig:
-        f = 2 ** (len(self.ch_mult) - 1)
-        if self.resolution % f:
-            raise UsageError(f"--resolution {self.resolution} is not a multiple of {f}")
-        if self.ch % 32:
-            raise UsageError("--ch must be a multiple of 32 (GroupNorm groups)")
-        attn = self.attn_resolutions
-        if attn is None:
-            attn = (self.resolution // f,)
-        return VQGANConfig(kind="vq", n_embed=self.n_embed, embed_dim=self.embed_dim,
-                           ch=self.ch, ch_mult=tuple(self.ch_mult),
-                           num_res_blocks=self.num_res_blocks, attn_resolutions=tuple(attn),
-                           resolution=self.resolution, z_channels=self.embed_dim,
-                           extra={"base_learning_rate": self.lr / self.batch_size})
-
-
-# Named settings for `kodalle train vqgan --recipe NAME`; explicit options override them.
-# docs/vqgan.md says why each one is what it is.
-RECIPES: dict[str, dict] = {
-    # KoDALLE's tokenizer: 256 px, f16 (16x16 = 256 codes), 16384 codes (taming's defaults)
-    "kodalle": {},
-    # small flat-colour product images (the demo's garments): 32 px, f4 (8x8 codes). Enough
-    # channels per GroupNorm group to carry a flat colour, few unit-norm 8-dim codes, and a
-    # learning rate a few hundred steps can use.
-    "small-flat": dict(resolution=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1,
-                       attn_resolutions=(), n_embed=512, embed_dim=8, l2_codes=True, lr=5e-4,
-                       batch_size=8, restart_after=100, max_steps=2000),
-}
+from kodalle_cli.vqgan.model import VQGAN
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -211,6 +145,8 @@ def _listed_samples(data, split: str) -> int | None:
     total = 0
     try:
         for path in shard_paths(data, split):
+            if urls.is_remote(path):  # remote shards: no stats files beside them
+                return None
             total += int(json.loads(stats_path(path).read_text(encoding="utf-8"))["samples"])
     except (OSError, ValueError, KeyError, TypeError, KodalleError):
         return None
@@ -331,8 +267,9 @@ class VQGANTask(Task):
         self.stream = ImageStream(max_bad_fraction=cfg.max_bad_fraction)
 
     def train_batches(self, start, rank, world_size):
-        return image_batches(self.cfg.data, self.cfg.batch_size, self.cfg.resolution,
-                             seed=self.cfg.seed, start=start, state=self.stream)
+        return image_batches(urls.source(self.cfg.data, self.cfg.manifest), self.cfg.batch_size,
+                             self.cfg.resolution, seed=self.cfg.seed, start=start,
+                             state=self.stream)
 
     def batch_size(self, batch):
         return batch.shape[0]
@@ -368,18 +305,30 @@ class VQGANTask(Task):
         self.step = step
         logs["restarted"] = self.monitor.restart(model, features, step, optimizer)
         self.model.quantize.renormalise()
+        logs.update(urls.STATS.metrics())  # remote shards: streams reopened, shards skipped
         return logs
 
     def evaluate(self, model, step):
         """Reconstruction L1 and code perplexity on the fixed validation images."""
         if self._val is None:
-            self._val = fixed_images(self.cfg.data, 8, self.cfg.resolution)
+            self._val = fixed_images(urls.source(self.cfg.data, self.cfg.manifest), 8,
+                                     self.cfg.resolution)
         x = self._val.to(self.model.device) * 2 - 1
         xrec, qloss, codes, _ = model(x)
         counts = torch.bincount(codes.flatten(), minlength=self.cfg.n_embed).float()
         p = counts / counts.sum()
         return {"rec_loss": float((x - xrec).abs().mean()), "q_loss": float(qloss),
                 "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum()))}
+
+    def sample(self, model, step, out_dir):
+        """The preview grid: the fixed validation images above their reconstructions."""
+        if self._val is None:
+            self._val = fixed_images(urls.source(self.cfg.data, self.cfg.manifest), 8,
+                                     self.cfg.resolution)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step-{step:07d}.png"
+        save_reconstruction_grid(self.model, self._val, path)
+        return path
 
     def save_extra(self, ckpt_dir):
         torch.save(self.monitor.state_dict(), ckpt_dir / "codebook.pt")
@@ -423,8 +372,9 @@ def train_vqgan(cfg: VQGANTrainConfig) -> Path:
 
 
 # What a resumed `train vqgan` may change; any other setting that differs is refused.
-VQGAN_RESUME_MAY_CHANGE = ("max_steps", "save_every", "keep_last", "log_every",
-                           "max_bad_fraction", "device", "progress", "resume", "out", "data")
+VQGAN_RESUME_MAY_CHANGE = ("max_steps", "save_every", "keep_last", "log_every", "log",
+                           "max_bad_fraction", "device", "progress", "resume", "out", "data",
+                           "manifest")
 
 
 def _train_vqgan(cfg: VQGANTrainConfig, out: Path, architecture: dict) -> Path:
@@ -440,8 +390,9 @@ def _train_vqgan(cfg: VQGANTrainConfig, out: Path, architecture: dict) -> Path:
         before.pop("architecture", None)
         defaults = {f.name: f.default for f in fields(VQGANTrainConfig)
                     if f.default is not MISSING}
-        refuse_changed_settings(out, before, jsonable(asdict(cfg)), defaults,
-                                VQGAN_RESUME_MAY_CHANGE)
+        current = jsonable(asdict(cfg))
+        del current["recipe"]  # a name: the settings it gave are compared
+        refuse_changed_settings(out, before, current, defaults, VQGAN_RESUME_MAY_CHANGE)
     if cfg.lpips_weights is None:
         import warnings
 
@@ -450,13 +401,11 @@ def _train_vqgan(cfg: VQGANTrainConfig, out: Path, architecture: dict) -> Path:
     task = VQGANTask(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved, {**jsonable(asdict(cfg)), "architecture": architecture})
-    result = train(task, TrainerConfig(
-        out=out, lr=cfg.lr, weight_decay=0.0, betas=(0.5, 0.9), schedule="constant",
-        warmup_steps=0, max_steps=cfg.max_steps, batch_size=cfg.batch_size, grad_clip=0.0,
-        precision="fp32", device=cfg.device, seed=cfg.seed, save_every=cfg.save_every,
-        keep_last=cfg.keep_last, eval_every=cfg.save_every, sample_every=0,
-        log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
-        memory_hint="--batch-size or --resolution",
+    # taming's optimizer and schedule; validated and previewed at each checkpoint
+    result = train(task, TrainerConfig.from_options(
+        cfg, out=out, weight_decay=0.0, betas=(0.5, 0.9), schedule="constant", warmup_steps=0,
+        grad_clip=0.0, precision="fp32", eval_every=cfg.save_every,
+        sample_every=cfg.save_every, memory_hint="--batch-size or --resolution",
     ), device=device)
     task.model._identity = None
     save_outputs(task.model.eval(), task.loss_fn, out, result.step, cfg)
@@ -471,7 +420,7 @@ def save_outputs(model: VQGAN, loss_fn: VQGANLoss, out: Path, step: int, cfg) ->
         extra = {f"loss.discriminator.{k}": v.detach().cpu()
                  for k, v in loss_fn.discriminator.state_dict().items()}
     save_taming_checkpoint(model, out / "vqgan.ckpt", global_step=step, extra_state=extra)
-    images = fixed_images(cfg.data, 8, cfg.resolution)
+    images = fixed_images(urls.source(cfg.data, cfg.manifest), 8, cfg.resolution)
     save_reconstruction_grid(model, images, out / "reconstructions.png")
 
 
