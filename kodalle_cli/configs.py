@@ -258,7 +258,7 @@ class RerankerTrainConfig:
     warmup_steps: int = opt(100, "Linear warm-up steps.")
     grad_clip: float = opt(1.0, "Gradient norm clip.")
     shuffle_buffer: int = opt(1000, "Pairs in the shuffle buffer.")
-    eval_every: int = opt(200, "Validation retrieval accuracy every N steps.")
+    eval_every: int = opt(200, "Validation retrieval accuracy and preview grid every N steps.")
     eval_samples: int = opt(256, "Validation pairs for retrieval accuracy.")
     save_every: int = opt(500, "Checkpoint every N steps.")
     keep_last: int = opt(2, "Checkpoints kept (0: all).")

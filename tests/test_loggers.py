@@ -309,6 +309,30 @@ def test_cli_train_reranker_logs_its_loss_and_retrieval(image_shards, tmp_path, 
             "val/val_image_to_text"} <= scalars, scalars
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
 
+    # the retrieval preview: a row per distinct validation caption (3 colours), the 6 images
+    # the reranker ranks first for it, framed green where the image's caption is the row's
+    from PIL import Image
+
+    from kodalle_cli.rerank.model import load_reranker
+    from kodalle_cli.rerank.train import PREVIEW_TILE, RIGHT, WRONG, load_val_pairs
+
+    (grid,) = acc.Images("samples/preview")
+    png = Image.open(out / "samples" / "step-0000002.png").convert("RGB")
+    tile, pad = PREVIEW_TILE + 6, 2
+    assert (grid.step, grid.width, grid.height) == (2, *png.size)
+    assert png.size == (6 * tile + 7 * pad, 3 * tile + 4 * pad)
+    images, captions = load_val_pairs(str(image_shards), 8)
+    rows = list(dict.fromkeys(captions))
+    sims = load_reranker(out).score(images, rows)
+    seen = []
+    for r, caption in enumerate(rows):
+        best = sims[:, r].topk(6).indices.tolist()
+        frames = [png.getpixel((pad + c * (tile + pad), pad + r * (tile + pad)))
+                  for c in range(6)]
+        assert frames == [RIGHT if captions[i] == caption else WRONG for i in best]
+        seen += frames
+    assert RIGHT in seen  # 8 images, 3 captions: some row's best 6 hold one of its own
+
 
 @pytest.mark.parametrize("command, target", [
     (["train", "--backbone", "b"], "kodalle_cli.train.dalle.run_train"),

@@ -264,6 +264,13 @@ def test_train_from_http_is_train_from_the_folder_and_resumes_exactly(tiny_dalle
             if r["split"] == "data"}
     assert data["train_shards_lost"] == 1 and data["val_shards_lost"] == 0
 
+    # --check-shards off: the data-loader worker meets the broken shard while training, and
+    # metrics.csv counts it too (the worker sends its counts with each batch)
+    train(url, "lossy-in-worker", max_steps=2, check_shards="off", workers=1)
+    lost = [r["value"] for r in read_metrics(tmp_path / "lossy-in-worker" / "metrics.csv")
+            if r["split"] == "train" and r["metric"] == "shards_lost"]
+    assert lost and lost[-1] == 1
+
 
 # ---- image shards ------------------------------------------------------------------------------
 def _jpeg(colour):
@@ -463,3 +470,14 @@ def test_a_shard_lost_while_training_is_skipped_and_the_stream_goes_on(tiny_dall
     assert len(urls.STATS.lost) == 1
     assert urls.STATS.lost[0].startswith(f"{base}/tokens/train-000000.tar: ")
     assert f"{base}/tokens/train-000000.tar" in capsys.readouterr().err
+
+
+def test_a_stream_whose_every_shard_is_lost_stops_in_one_line(tiny_dalle_data, serve):
+    _, tokens, _ = tiny_dalle_data
+    base, server = serve(tokens.parent)
+    counts = token_shards.check_shards(f"{base}/tokens/", mode="off")["train"].counts
+    for name in counts:
+        server.broken[f"/tokens/{name}"] = -1
+    data = token_shards.TokenBatches(f"{base}/tokens/", batch_size=4, counts=counts)
+    with pytest.raises(KodalleError, match="every train shard .* broke off .*nothing left"):
+        next(iter(data))  # not an endless loop over lost shards

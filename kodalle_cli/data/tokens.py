@@ -523,6 +523,7 @@ OUT_OF_RANGE = "codes outside the VQGAN's codebook"  # the reason of such a bad 
 CHECK_CACHE = "shard_check.json"  # in the run directory: what check_shards found per shard
 CHECK_MODES = ("full", "new", "off")
 _CHECK_VERSION = 1
+WORKER_STREAMS = "worker_streams"  # a worker's batch: (worker id, its urls.StreamStats)
 
 
 @dataclass
@@ -756,6 +757,9 @@ class TokenBatches(torch.utils.data.IterableDataset):
     ``caption_style`` (see :data:`TRAIN_CAPTION_STYLES`): which caption of a sample is read;
     ``mixed`` draws one of the manifest's ``caption_styles`` per sample and epoch from
     ``(seed, epoch, shard)``, independent of ranks and workers.
+
+    In a data-loader worker, each batch also carries :data:`WORKER_STREAMS`: the worker's id
+    and what its remote reads met so far (:class:`kodalle_cli.data.urls.StreamStats`).
     """
 
     def __init__(
@@ -792,6 +796,7 @@ class TokenBatches(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.start_batch = start_batch
         self.shuffle = shuffle
+        self.split = split
 
     def __len__(self) -> int:  # samples per epoch, all ranks together
         return sum(s.count for s in self.shards)
@@ -845,17 +850,21 @@ class TokenBatches(torch.utils.data.IterableDataset):
                 skip -= length
                 epoch += 1
                 continue
+            read, lost = False, []  # a stream whose every shard is lost must not spin
             for shard, positions in plan:
                 if skip >= len(positions):
                     skip -= len(positions)
+                    read = True
                     continue
                 try:
                     samples, _ = good_samples(self.shards[shard].path, self.manifest,
                                               num_text_tokens=self.num_text_tokens)
                 except urls.ShardLost as exc:  # retried: skipped with a warning, counted
                     urls.lost(exc)
+                    lost.append(exc.url)
                     skip = 0
                     continue
+                read = True
                 if len(samples) != self.shards[shard].count:
                     raise KodalleError(
                         f"{self.shards[shard].path} has {len(samples)} good samples, "
@@ -870,6 +879,11 @@ class TokenBatches(torch.utils.data.IterableDataset):
                         sample = {**sample, "ids": sample["styles"][styles[order[i]]]}
                     yield sample
                 skip = 0
+            if lost and not read:
+                raise KodalleError(
+                    f"{self.root}: every {self.split} shard one data stream reads broke off "
+                    f"({len(lost)} lost, first {lost[0]}): nothing left to read"
+                )
             epoch += 1
 
     def __iter__(self):
@@ -877,6 +891,7 @@ class TokenBatches(torch.utils.data.IterableDataset):
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         if info is not None:  # Ctrl-C reaches the whole process group: the trainer decides
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            urls.STATS = urls.StreamStats()  # this worker's own; sent with each batch
         # The DataLoader takes batch j of this iteration from worker j % workers, so batch
         # i = start_batch + j of the rank comes from stream i % workers: worker w plays
         # stream (w + start_batch) % workers, which has already given `done` batches.
@@ -886,10 +901,13 @@ class TokenBatches(torch.utils.data.IterableDataset):
         stream = self._samples(slot, slots, done * self.batch_size)
         while True:
             batch = [next(stream) for _ in range(self.batch_size)]
-            yield {
+            out = {
                 "ids": torch.from_numpy(np.stack([s["ids"] for s in batch])),
                 "codes": torch.from_numpy(np.stack([s["codes"] for s in batch])),
             }
+            if info is not None:  # remote streams reopened and shards skipped in this worker
+                out[WORKER_STREAMS] = (worker, urls.STATS.copy())
+            yield out
 
 
 def iter_split(root: str | Path, split: str = "val", limit: int | None = None,

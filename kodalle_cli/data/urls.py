@@ -22,7 +22,8 @@ Limits: a cut body is seen by its ``Content-Length`` (an HTTP server that sends 
 closes early looks complete: the tar reader then finds the shard damaged); a ``pipe:``
 command's exit status is read when its output ends, so a command that fails after writing
 a whole tar is not noticed by a reader that stops at the tar's end; :data:`STATS` counts
-what this process met (data-loader workers warn; their counts stay in the worker).
+what this process met; a data-loader worker starts its own and sends it with each batch
+(:meth:`StreamStats.add` puts them together: ``kodalle train``'s metrics.csv counts both).
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ class StreamStats:
 
     def metrics(self) -> dict[str, int]:
         return {"stream_retries": self.retries, "shards_lost": len(self.lost)}
+
+    def add(self, other: StreamStats) -> StreamStats:
+        """Two processes' counts together (a data-loader worker's beside the main one's);
+        a shard both skipped is counted once."""
+        return StreamStats(self.retries + other.retries,
+                           self.lost + [line for line in other.lost if line not in self.lost])
+
+    def copy(self) -> StreamStats:
+        return StreamStats(self.retries, list(self.lost))
 
 
 STATS = StreamStats()

@@ -89,6 +89,10 @@ def load_val_pairs(data, count: int, split: str = "val") -> tuple[list, list[str
 
 
 # ---- the task for the shared trainer ---------------------------------------------------------
+PREVIEW_ROWS, PREVIEW_COLUMNS, PREVIEW_TILE = 4, 6, 64  # captions, images each, pixels
+RIGHT, WRONG = (40, 160, 60), (200, 40, 40)  # a preview image's frame
+
+
 class RerankerTask(Task):
     """``kodalle train reranker`` as a :class:`kodalle_cli.train.trainer.Task`."""
 
@@ -127,6 +131,33 @@ class RerankerTask(Task):
             return {}
         self.last_eval = (step, retrieval_accuracy(model, self.val_images, self.val_captions))
         return self.last_eval[1]
+
+    def sample(self, model, step: int, out_dir: Path) -> Path | None:
+        """The preview grid (``samples/step-N.png``, and the dashboards'): one row per
+        validation caption, its first :data:`PREVIEW_ROWS` distinct ones, holding the
+        validation images the reranker ranks first for it, framed green where the image's
+        own caption is that caption and red where it is not."""
+        if not self.val_captions:
+            return None
+        from PIL import ImageOps
+
+        from kodalle_cli.atomic import replacing
+        from kodalle_cli.output import make_grid
+
+        captions = list(dict.fromkeys(self.val_captions))[:PREVIEW_ROWS]
+        sims = model.score(self.val_images, captions)  # [images, captions]
+        best = sims.topk(min(PREVIEW_COLUMNS, len(self.val_images)), dim=0).indices.t()
+        tiles = []
+        for caption, row in zip(captions, best.tolist(), strict=True):
+            for i in row:
+                right = self.val_captions[i] == caption
+                tile = self.val_images[i].convert("RGB").resize((PREVIEW_TILE, PREVIEW_TILE))
+                tiles.append(ImageOps.expand(tile, border=3, fill=RIGHT if right else WRONG))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step-{step:07d}.png"
+        with replacing(path) as tmp:
+            make_grid(tiles, columns=best.shape[1]).save(tmp, format="PNG")
+        return path
 
 
 TRAIN_CONFIG = "train_config.json"  # the options of the run, beside its checkpoints
@@ -184,7 +215,8 @@ def train_reranker(cfg: RerankerTrainConfig, progress: bool = True) -> dict:
         embed_dim=cfg.embed_dim, text_seq_len=cfg.text_seq_len, image_weights=cfg.image_weights,
     )
     task = RerankerTask(model, cfg)
-    trainer_cfg = TrainerConfig.from_options(cfg, out=Path(cfg.out), sample_every=0,
+    # the retrieval preview at each validation (samples/, and the dashboards' images)
+    trainer_cfg = TrainerConfig.from_options(cfg, out=Path(cfg.out), sample_every=cfg.eval_every,
                                              progress=progress)
     result = train(task, trainer_cfg)
     model.eval()

@@ -60,6 +60,7 @@ class DalleTask(Task):
         self.has_val = self.checked["val"].good > 0
         self.data_metrics = {k: v for split, c in self.checked.items()
                              for k, v in c.metrics(split).items()}
+        self.worker_streams: dict[int, urls.StreamStats] = {}  # the latest of each worker
 
     def train_batches(self, start, rank, world_size):
         dataset = token_shards.TokenBatches(
@@ -68,10 +69,28 @@ class DalleTask(Task):
             counts=self.checked["train"].counts, num_text_tokens=self.vocab,
             caption_style=self.cfg.caption_style,
         )
-        return iter(torch.utils.data.DataLoader(
+        # iter() here, not at the first batch: the loader draws its workers' seed from torch's
+        # generator now, before a resumed run restores its RNG state (exact resume)
+        return self._noting_streams(iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.workers,
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
-        ))
+        )))
+
+    def _noting_streams(self, batches):
+        """The batches, with each data-loader worker's remote-stream counts taken out."""
+        for batch in batches:
+            if token_shards.WORKER_STREAMS in batch:
+                worker, stats = batch.pop(token_shards.WORKER_STREAMS)
+                self.worker_streams[worker] = stats
+            yield batch
+
+    def after_step(self, model, step, optimizer):
+        """Remote shards: streams reopened and shards skipped so far, by this process and its
+        data-loader workers (metrics.csv)."""
+        stats = urls.STATS
+        for worker_stats in self.worker_streams.values():
+            stats = stats.add(worker_stats)
+        return stats.metrics()
 
     def loss(self, model, batch):
         return model(batch["ids"], batch["codes"], return_loss=True, cond_drop=self.cfg.cond_drop)
