@@ -29,10 +29,27 @@ TINY = dict(dim=32, depth=2, heads=2, dim_head=16, device="cpu", progress=False,
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """A folder over HTTP; ``server.broken`` maps a path to how many more GETs of it are cut
-    after half their body (-1: every one); ``server.gets`` counts GETs by path."""
+    after half their body (-1: every one); ``server.gets`` counts GETs by path. Python's
+    handler ignores ``Range`` (a 200 with the whole body); with ``server.ranges`` a
+    ``Range: bytes=N-`` GET gets a 206 with the body from N (``server.range_starts``)."""
 
     def log_message(self, *args):  # quiet
         pass
+
+    def send_head(self):
+        header = self.headers.get("Range")
+        if not (self.server.ranges and header):
+            return super().send_head()
+        start = int(header.removeprefix("bytes=").split("-")[0])
+        with open(self.translate_path(self.path), "rb") as f:
+            data = f.read()
+        self.server.range_starts.append(start)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        return io.BytesIO(data[start:])
 
     def copyfile(self, source, outputfile):
         gets = self.server.gets
@@ -49,13 +66,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def serve():
-    """serve(folder) -> (base URL, server): a real HTTP server on 127.0.0.1."""
+    """serve(folder, ranges=False) -> (base URL, server): a real HTTP server on 127.0.0.1."""
     servers = []
 
-    def start(folder):
+    def start(folder, ranges=False):
         handler = functools.partial(_Handler, directory=str(folder))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.broken, server.gets = {}, {}
+        server.broken, server.gets, server.ranges, server.range_starts = {}, {}, ranges, []
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}", server
@@ -153,14 +170,19 @@ def test_unreachable_shards_are_one_line(tiny_dalle_data, serve):
     assert "--manifest" in str(err.value)
 
 
-def test_a_connection_closed_mid_shard_is_read_on_where_it_broke(tiny_dalle_data, serve):
+@pytest.mark.parametrize("ranges", [False, True], ids=["server-ignores-range", "range-206"])
+def test_a_connection_closed_mid_shard_is_read_on_where_it_broke(tiny_dalle_data, serve,
+                                                                 ranges):
     _, tokens, _ = tiny_dalle_data
-    base, server = serve(tokens.parent)
+    base, server = serve(tokens.parent, ranges=ranges)
     server.broken["/tokens/train-000001.tar"] = 2  # two cut GETs, then whole ones
     got = keys_and_ids(token_shards.iter_split(f"{base}/tokens/", "train"))
     assert got == keys_and_ids(token_shards.iter_split(tokens, "train"))
     assert urls.STATS.retries == 2 and urls.STATS.lost == []
     assert server.gets["/tokens/train-000001.tar"] == 3
+    if ranges:  # each reopening asked for the rest only, from where the last one broke
+        size = (tokens / "train-000001.tar").stat().st_size
+        assert server.range_starts == [size // 2, size // 2 + (size - size // 2) // 2]
 
 
 def test_a_shard_whose_stream_keeps_breaking_is_skipped_warned_and_counted(tiny_dalle_data,

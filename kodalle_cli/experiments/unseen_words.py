@@ -16,10 +16,11 @@ pretrained language model. This experiment measures it with a real pretrained En
    (:data:`UNSEEN_TEMPLATES`), and captions that mix one new word into a training template;
    :func:`token_check` shows, with the real MiniLM tokenizer, that no WordPiece of the new
    words and templates occurs in the tokenized training captions;
-3. four arms with the same data, steps and seeds (:data:`ARMS`): MiniLM tables trained with
+3. arms with the same data, steps and seeds (:data:`ARMS`): MiniLM tables trained with
    the model (kodalle's default) or frozen, and random tables of the same shape and
    per-table std (a copy of the MiniLM directory with re-drawn tables, so the pipeline is
-   otherwise identical), trained or frozen;
+   otherwise identical), trained or frozen; MiniLM contextual (the whole LM, frozen),
+   reading its last layer, layer 1 or layer 3;
 4. every image judged against the true palette (:mod:`kodalle_cli.experiments.faithfulness`): colour,
    category and both, 95% Wilson intervals, chance measured with shuffled captions; the arms
    compared with Newcombe's interval for a difference of two shares;
@@ -123,6 +124,7 @@ class Arm:
     text_encoder: str = "tables"  # or "contextual": the backbone's whole LM, frozen
     caption_style: str = "as-prepared"  # or "mixed" (K-Fashion data: train --caption-style)
     null_caption: str = "pad"  # contextual: or "learned" (train --null-caption)
+    text_layer: int = -1  # contextual: the LM layer whose states are read (train --text-layer)
 
 
 ARMS: tuple[Arm, ...] = (
@@ -132,11 +134,19 @@ ARMS: tuple[Arm, ...] = (
     Arm("random-frozen", "random", True, "random tables, frozen"),
     Arm("minilm-contextual", "minilm", True, "MiniLM, contextual (the whole LM, frozen)",
         "contextual"),
+    # the same, reading a lower layer's states (MiniLM has 6): lexical word meaning is held
+    # more in the lower layers, sentence meaning in the upper ones
+    Arm("minilm-contextual-l1", "minilm", True, "MiniLM, contextual, layer 1 of 6",
+        "contextual", text_layer=1),
+    Arm("minilm-contextual-l3", "minilm", True, "MiniLM, contextual, layer 3 of 6",
+        "contextual", text_layer=3),
 )
 # (arm, its control): the comparisons the verdict rests on; contextual is compared with the
 # frozen tables of the same LM (what it adds to them) and with random tables
 COMPARISONS = (("minilm-trained", "random-trained"), ("minilm-frozen", "random-frozen"),
-               ("minilm-contextual", "minilm-frozen"), ("minilm-contextual", "random-frozen"))
+               ("minilm-contextual", "minilm-frozen"), ("minilm-contextual", "random-frozen"),
+               ("minilm-contextual-l1", "minilm-frozen"),
+               ("minilm-contextual-l3", "minilm-frozen"))
 
 
 def english_colour(colour: str | None) -> str:
@@ -747,6 +757,7 @@ def run_unseen_words(cfg: UnseenConfig) -> UnseenResult:
                     dim_head=32, text_seq_len=cfg.seq_len, freeze_text_emb=arm.frozen,
                     text_encoder=arm.text_encoder, text_loss_weight=study.text_loss_weight,
                     caption_style=arm.caption_style, null_caption=arm.null_caption,
+                    text_layer=arm.text_layer,
                     cond_drop=0.1, lr=cfg.lr, weight_decay=3e-3,
                     warmup_steps=min(30, size.dalle_steps // 10), batch_size=cfg.batch_size,
                     max_steps=size.dalle_steps, seed=seed, save_every=size.dalle_steps,
@@ -848,7 +859,7 @@ def build_summary(cfg, arms, comparisons, chance, lines, check, ceiling, caption
         "verdict": lines,
         "backbone": {"name": study.backbone_title, "path": str(backbone_path)},
         "arms": {arm.name: {"title": arm.title, "tables": arm.tables, "frozen": arm.frozen,
-                            "text_encoder": arm.text_encoder,
+                            "text_encoder": arm.text_encoder, "text_layer": arm.text_layer,
                             "sets": {subset: {
                                 "all": fa.to_dict(s["all"]),
                                 "chance": fa.to_dict(s["chance"]),

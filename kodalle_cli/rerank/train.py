@@ -60,10 +60,13 @@ def collate(model: Reranker, images: Sequence, captions: Sequence[str]) -> dict:
 
 # ---- validation -------------------------------------------------------------------------------
 @torch.no_grad()
-def retrieval_accuracy(model: Reranker, images: Sequence, captions: Sequence[str]) -> dict:
+def retrieval_accuracy(model: Reranker, images: Sequence, captions: Sequence[str],
+                       sims: torch.Tensor | None = None) -> dict:
     """Top-1 retrieval among the given pairs. A retrieved caption (image) counts as right when
-    its text equals the true caption, so repeated captions are not counted as misses."""
-    sims = model.score(images, captions)  # [images, captions]
+    its text equals the true caption, so repeated captions are not counted as misses.
+    ``sims``: ``model.score(images, captions)`` when already computed."""
+    if sims is None:
+        sims = model.score(images, captions)  # [images, captions]
     captions = list(captions)
     i2t = sum(captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist()))
     t2i = sum(captions[i] == captions[j] for j, i in enumerate(sims.argmax(0).tolist()))
@@ -101,6 +104,7 @@ class RerankerTask(Task):
         self.cfg = cfg
         self.val_images, self.val_captions = load_val_pairs(
             urls.source(cfg.data, cfg.manifest), cfg.eval_samples)
+        self.last_sims: tuple[int, torch.Tensor] | None = None  # (step, its validation sims)
 
     def train_batches(self, start: int, rank: int, world_size: int) -> Iterator[dict]:
         # the sample order depends only on the seed, so resuming skips `start` batches of
@@ -129,7 +133,10 @@ class RerankerTask(Task):
     def evaluate(self, model, step: int) -> dict[str, float]:
         if not self.val_captions:
             return {}
-        self.last_eval = (step, retrieval_accuracy(model, self.val_images, self.val_captions))
+        sims = model.score(self.val_images, self.val_captions)
+        self.last_sims = (step, sims)  # the preview of the same step ranks with these
+        self.last_eval = (step, retrieval_accuracy(model, self.val_images, self.val_captions,
+                                                   sims))
         return self.last_eval[1]
 
     def sample(self, model, step: int, out_dir: Path) -> Path | None:
@@ -144,8 +151,15 @@ class RerankerTask(Task):
         from kodalle_cli.atomic import replacing
         from kodalle_cli.output import make_grid
 
-        captions = list(dict.fromkeys(self.val_captions))[:PREVIEW_ROWS]
-        sims = model.score(self.val_images, captions)  # [images, captions]
+        first = {}  # each distinct caption's first column
+        for i, caption in enumerate(self.val_captions):
+            first.setdefault(caption, i)
+        captions = list(first)[:PREVIEW_ROWS]
+        last = self.last_sims
+        if last is not None and last[0] == step:  # validated at this step: no second pass
+            sims = last[1][:, [first[c] for c in captions]]
+        else:
+            sims = model.score(self.val_images, captions)  # [images, captions]
         best = sims.topk(min(PREVIEW_COLUMNS, len(self.val_images)), dim=0).indices.t()
         tiles = []
         for caption, row in zip(captions, best.tolist(), strict=True):
