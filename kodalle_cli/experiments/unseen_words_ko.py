@@ -178,10 +178,17 @@ ARMS: tuple[Arm, ...] = (
         "contextual", null_caption="learned"),
     Arm("e5-frozen-mixed", "e5", True, "e5 tables, frozen, caption styles mixed", "tables",
         "mixed"),
+    # lower layers' states (e5-small has 12): in English, MiniLM's layer 1 of 6 carried new
+    # colour and category words better than its last layer and than its tables
+    Arm("e5-contextual-l2", "e5", True, "e5, contextual, layer 2 of 12", "contextual",
+        text_layer=2),
+    Arm("e5-contextual-l4", "e5", True, "e5, contextual, layer 4 of 12", "contextual",
+        text_layer=4),
 )
 COMPARISONS = (("e5-trained", "random-trained"), ("e5-frozen", "random-frozen"),
                ("e5-contextual", "e5-frozen"), ("e5-contextual", "random-frozen"),
-               ("e5-contextual-null", "e5-contextual"), ("e5-frozen-mixed", "e5-frozen"))
+               ("e5-contextual-null", "e5-contextual"), ("e5-frozen-mixed", "e5-frozen"),
+               ("e5-contextual-l2", "e5-frozen"), ("e5-contextual-l4", "e5-frozen"))
 # 2 cores, <= 40 minutes: the small-flat VQGAN (its recipe's 2000 steps), 10 trainings
 # (a trained-table step costs about 3x a frozen one: fused AdamW over e5's 96M-value token
 # table), 144 captions x 3 images per model
