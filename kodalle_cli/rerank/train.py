@@ -59,14 +59,10 @@ def collate(model: Reranker, images: Sequence, captions: Sequence[str]) -> dict:
 
 
 # ---- validation -------------------------------------------------------------------------------
-@torch.no_grad()
-def retrieval_accuracy(model: Reranker, images: Sequence, captions: Sequence[str],
-                       sims: torch.Tensor | None = None) -> dict:
-    """Top-1 retrieval among the given pairs. A retrieved caption (image) counts as right when
-    its text equals the true caption, so repeated captions are not counted as misses.
-    ``sims``: ``model.score(images, captions)`` when already computed."""
-    if sims is None:
-        sims = model.score(images, captions)  # [images, captions]
+def retrieval_accuracy(sims: torch.Tensor, captions: Sequence[str]) -> dict:
+    """Top-1 retrieval among pairs, from their similarities ``[images, captions]`` (image i's
+    caption is ``captions[i]``). A retrieved caption (image) counts as right when its text
+    equals the true caption, so repeated captions are not counted as misses."""
     captions = list(captions)
     i2t = sum(captions[j] == captions[i] for i, j in enumerate(sims.argmax(1).tolist()))
     t2i = sum(captions[i] == captions[j] for j, i in enumerate(sims.argmax(0).tolist()))
@@ -133,11 +129,17 @@ class RerankerTask(Task):
     def evaluate(self, model, step: int) -> dict[str, float]:
         if not self.val_captions:
             return {}
-        sims = model.score(self.val_images, self.val_captions)
-        self.last_sims = (step, sims)  # the preview of the same step ranks with these
-        self.last_eval = (step, retrieval_accuracy(model, self.val_images, self.val_captions,
-                                                   sims))
+        self.last_eval = (step, retrieval_accuracy(self._val_sims(model, step),
+                                                   self.val_captions))
         return self.last_eval[1]
+
+    @torch.no_grad()
+    def _val_sims(self, model, step: int) -> torch.Tensor:
+        """``[images, captions]`` similarities of the validation pairs at ``step``, computed
+        once for the validation and the preview of that step."""
+        if self.last_sims is None or self.last_sims[0] != step:
+            self.last_sims = (step, model.score(self.val_images, self.val_captions))
+        return self.last_sims[1]
 
     def sample(self, model, step: int, out_dir: Path) -> Path | None:
         """The preview grid (``samples/step-N.png``, and the dashboards'): one row per
@@ -155,11 +157,7 @@ class RerankerTask(Task):
         for i, caption in enumerate(self.val_captions):
             first.setdefault(caption, i)
         captions = list(first)[:PREVIEW_ROWS]
-        last = self.last_sims
-        if last is not None and last[0] == step:  # validated at this step: no second pass
-            sims = last[1][:, [first[c] for c in captions]]
-        else:
-            sims = model.score(self.val_images, captions)  # [images, captions]
+        sims = self._val_sims(model, step)[:, [first[c] for c in captions]]
         best = sims.topk(min(PREVIEW_COLUMNS, len(self.val_images)), dim=0).indices.t()
         tiles = []
         for caption, row in zip(captions, best.tolist(), strict=True):
